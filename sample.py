@@ -1,0 +1,319 @@
+"""Generate images with any solver (or a trained predictor) on any model, across torchrun workers.
+
+Deterministic: the image of seed s is byte-identical for any number of workers and any batch size.
+Resumable: images already written are skipped; files appear under their final names only when complete.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import configs
+import models
+import solvers
+from torch_utils import distributed as dist
+from torch_utils.misc import atomic_write, parse_int_list, randn_per_seed, seed_generators
+
+DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, non-zero exit."""
+
+
+def to_uint8(images):
+    """[-1, 1] floats -> uint8 NHWC, rounding to nearest (x * 127.5 + 127.5)."""
+    return (images.to(torch.float64) * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def image_path(outdir, seed, subdirs, ext='png'):
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.{ext}')
+
+
+def save_png(path, array):
+    image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, 'L' if array.shape[2] == 1
+                                else 'RGB')
+    atomic_write(path, lambda f: image.save(f, format='PNG'))
+
+
+def save_npz(path, array):
+    atomic_write(path, lambda f: np.savez(f, x=array))
+
+
+def write_grid(outdir, seeds, subdirs, max_images=64):
+    """A grid of the first images of the run, written as grid.png; returns its path or None."""
+    paths = [image_path(outdir, s, subdirs) for s in seeds[:max_images]]
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        return None
+    tiles = [np.asarray(PIL.Image.open(p).convert('RGB')) for p in paths]
+    cols = int(math.ceil(math.sqrt(len(tiles))))
+    rows = int(math.ceil(len(tiles) / cols))
+    h, w, _ = tiles[0].shape
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = tile
+    path = os.path.join(outdir, 'grid.png')
+    atomic_write(path, lambda f: PIL.Image.fromarray(grid).save(f, format='PNG'))
+    return path
+
+
+def shard_seeds(seeds, batch, world_size, rank):
+    """EDM's sharding: near-equal contiguous chunks of at most `batch` seeds (total over workers), rank r takes
+    chunks r, r + W, ... Every rank gets the same number of chunks (some may be empty)."""
+    if not seeds:
+        return []
+    num_batches = ((len(seeds) - 1) // (batch * world_size) + 1) * world_size
+    chunks = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
+    return [c.tolist() for c in chunks[rank::world_size]]
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def guard_finite(net, sigmas):
+    """Stop the run, naming the step and sigma, as soon as the denoiser returns NaN or inf."""
+    grid = [float(s) for s in sigmas]
+
+    def hook(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if not torch.isfinite(out).all():
+            sigma = torch.as_tensor(args[1] if len(args) > 1 else kwargs['sigma']).reshape(-1)[0].item()
+            step = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / sigma)) if sigma > 0 else i)
+            raise NonFiniteError(f"the denoiser returned NaN/inf at sigma={sigma:.6g} (step {step} of "
+                                 f"{len(grid) - 1}); check the model file and the sigma range")
+    return net.register_forward_hook(hook, with_kwargs=True)
+
+
+def resolve_settings(cfg, overrides):
+    """Solver settings: the dataset config's recommendations, overridden by options given on the command line."""
+    settings = dict(solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False,
+                    denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant='bh2',
+                    dtype='float32')
+    settings.update(cfg.get('sample', {}))
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
+    kwargs = dict(cfg['model'])
+    if model_path is not None:
+        kwargs['model_path'] = model_path
+        if str(model_path).startswith('python:'):
+            kwargs = {'model_path': model_path}
+    if guidance_type is not None:
+        kwargs['guidance_type'] = guidance_type
+    if guidance_rate is not None:
+        kwargs['guidance_rate'] = guidance_rate
+    return models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
+
+
+def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,
+             predictor=None, device=torch.device('cpu'), prompts=None, progress=True):
+    """Sample every seed not yet written; returns a summary dict (rank 0's view of all ranks)."""
+    dtype = DTYPES[settings['dtype']]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    make_png = net.sample_shape[0] in (1, 3)
+    def done(seed):
+        return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
+                and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
+    todo = [s for s in seeds if not done(s)]
+    dist.barrier()
+    chunks = shard_seeds(todo, batch, world, rank)
+    solve_opts = {k: settings[k] for k in ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs',
+                                           'denoise_to_zero', 'max_order', 'predict_x0', 'lower_order_final',
+                                           'variant', 'sigma_min', 'sigma_max') if k in settings}
+    if predictor is not None:
+        sigmas = predictor.schedule(net)
+    else:
+        sigmas = solvers.get_schedule(settings['num_steps'], settings.get('sigma_min') or net.sigma_min,
+                                      settings.get('sigma_max') or net.sigma_max, settings['schedule_type'],
+                                      settings['schedule_rho'], net=net)
+    handle = guard_finite(net, sigmas)
+    counted_rows = counted_calls = counted_images = counted_batches = 0
+    start = time.time()
+    bar = tqdm.tqdm(total=sum(len(c) for c in chunks) * world, unit='img', disable=(rank != 0 or not progress),
+                    file=sys.stdout, dynamic_ncols=True)
+    try:
+        for chunk in chunks:
+            cap = batch_gpu or len(chunk)
+            for lo in range(0, len(chunk), cap):
+                part = chunk[lo:lo + cap]
+                gens = seed_generators(part, device)
+                latents = randn_per_seed(gens, net.sample_shape, dtype, device)
+                cond = None
+                if net.label_dim:
+                    labels = torch.stack([net.sample_labels(g, device) for g in gens])
+                    if class_idx is not None:
+                        labels = torch.nn.functional.one_hot(torch.full((len(part),), class_idx, device=device),
+                                                             net.label_dim).float()
+                    cond = labels.to(dtype)
+                if prompts is not None and hasattr(net, 'encode_prompts'):
+                    cond = net.encode_prompts([prompts.prompt_for_seed(s) for s in part])
+                with torch.no_grad(), solvers.count_calls(net) as counter:
+                    x = solvers.sample(net, latents, cond=cond, predictor=predictor, **solve_opts)
+                    images = net.decode(x)
+                counted_rows += counter.rows
+                counted_calls += counter.calls
+                counted_images += len(part)
+                counted_batches += 1
+                if make_png:
+                    arrays = to_uint8(images).cpu().numpy()
+                    for seed, array in zip(part, arrays):
+                        save_png(image_path(outdir, seed, subdirs), array)
+                if save_npz_too or not make_png:
+                    for seed, sample_ in zip(part, x.detach().cpu().numpy()):
+                        save_npz(image_path(outdir, seed, subdirs, 'npz'), sample_)
+                bar.update(len(part) * world)
+    finally:
+        handle.remove()
+        bar.close()
+    wall = time.time() - start
+    stats = torch.tensor([counted_rows, counted_calls, counted_images, counted_batches], dtype=torch.float64)
+    rows, calls, images, batches = dist.all_reduce_sum(stats).tolist()
+    return dict(images=int(images), skipped=len(seeds) - len(todo), nfe_per_image=rows / images if images else None,
+                sequential_rounds=calls / batches if images else None, wall_s=wall,
+                images_per_s=images / wall if wall > 0 and images else None)
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml)')
+@click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
+@click.option('--predictor_path', metavar='PATH|INT', default=None, help='Trained predictor: folder, file or experiment number')
+@click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
+              help=f'Solver when no predictor is given: {", ".join(sorted(solvers.SOLVERS))}')
+@click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Time points (num_steps - 1 steps)')
+@click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule')
+@click.option('--schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent')
+@click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='Lowest noise level [default: the model\'s]')
+@click.option('--sigma_max', metavar='FLOAT', type=float, default=None, help='Highest noise level [default: the model\'s]')
+@click.option('--afs', metavar='BOOL', type=bool, default=None, help='Analytical first step (saves one NFE)')
+@click.option('--denoise_to_zero', metavar='BOOL', type=bool, default=None, help='Final denoising call (one more NFE)')
+@click.option('--max_order', metavar='INT', type=int, default=None, help='Order of multistep solvers')
+@click.option('--predict_x0', metavar='BOOL', type=bool, default=None, help='DPM-Solver++/UniPC: data prediction')
+@click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='Lower the order on the final steps of short runs')
+@click.option('--variant', metavar='bh1|bh2', default=None, help='UniPC variant')
+@click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
+@click.option('--guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
+@click.option('--prompt', metavar='TEXT', default=None, help='One prompt for every image (text-to-image models)')
+@click.option('--prompt_file', metavar='PATH', default=None, help='Prompts: text lines or a CSV with a text column')
+@click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Fixed class label (conditional models)')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Total batch size over all workers')
+@click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap')
+@click.option('--seeds', metavar='LIST', default='0-63', help="Seeds, e.g. '0-63' or '1,5,10-19'")
+@click.option('--outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN]')
+@click.option('--subdirs', metavar='BOOL', type=bool, default=True, help='1000 images a folder')
+@click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write grid.png of the first 64 images')
+@click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
+@click.option('--dtype', metavar='NAME', type=click.Choice(list(DTYPES)), default=None, help='Sampling dtype [default: the config\'s, else float32]')
+@click.option('--device', metavar='DEV', default=None, help='Device [default: cuda if available]')
+def main(dataset_name, model_path, predictor_path, solver, num_steps, schedule_type, schedule_rho, sigma_min,
+         sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
+         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
+         dtype, device):
+    """Generate images: any solver, any model, any number of torchrun workers.
+
+    \b
+    torchrun --standalone --nproc_per_node=2 sample.py --dataset_name=gmm_image --sampler_stu=dpmpp --num_steps=6
+    python sample.py --predictor_path=1 --seeds=0-49999
+    """
+    try:
+        run(**locals())
+    except (UsageError, ValueError, models.ModelError, NonFiniteError, OSError) as e:
+        print(f'sample.py: error: {e}', file=sys.stderr)
+        dist.shutdown()
+        sys.exit(1)
+    dist.shutdown()
+
+
+def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_type, schedule_rho, sigma_min,
+        sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
+        guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
+        dtype, device):
+    seed_list = parse_int_list(seeds)
+    if not seed_list:
+        raise UsageError(f"--seeds={seeds!r} selects no seed")
+    device = dist.init(device)
+    predictor = None
+    if predictor_path is not None:
+        import training
+        predictor = training.load_predictor(predictor_path)
+        meta = predictor.settings
+        if dataset_name != meta['dataset_name'] and dataset_name != configs.DEFAULT_DATASET:
+            raise UsageError(f"the predictor {predictor_path} was trained for dataset {meta['dataset_name']!r}, not "
+                             f"{dataset_name!r}; drop --dataset_name or use a predictor trained for it")
+        dataset_name = meta['dataset_name']
+        guidance_type = guidance_type or meta.get('guidance_type')
+        guidance_rate = guidance_rate or meta.get('guidance_rate')
+    cfg = configs.load_config(dataset_name)
+    overrides = dict(solver=solver, num_steps=num_steps, schedule_type=schedule_type, schedule_rho=schedule_rho,
+                     sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
+                     max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                     variant=variant, dtype=dtype)
+    settings = resolve_settings(cfg, overrides)
+    if predictor is None:
+        solvers.check_options(**settings)
+    # Rank 0 loads (and may download) first, the others wait, then load from the cache.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
+    if dist.get_rank() == 0:
+        dist.barrier()
+    if predictor is not None:
+        predictor.check_model(net)
+        predictor = predictor.to(device)
+        settings.update(predictor.summary())
+    if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
+        raise UsageError(f"--class={class_idx} is out of range: the model has {net.label_dim} classes"
+                         if net.label_dim else f"--class given, but {dataset_name} is unconditional; drop --class")
+    prompts = None
+    if prompt is not None or prompt_file is not None:
+        from models.prompts import load_prompts
+        prompts = load_prompts(prompt=prompt, prompt_file=prompt_file)
+    if outdir is None:
+        nfe = predictor.nfe() if predictor is not None else solvers.nfe_formula(**settings)
+        outdir = os.path.join('samples', dataset_name, f"{settings['solver']}_nfe{nfe}")
+    if dist.get_rank() == 0:
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            probe = os.path.join(outdir, '.write_test')
+            open(probe, 'w').close()
+            os.unlink(probe)
+        except OSError as e:
+            raise UsageError(f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder")
+        options = dict(dataset_name=dataset_name, model_path=model_path, predictor_path=predictor_path,
+                       seeds=seeds, batch=batch, settings=settings)
+        atomic_write(os.path.join(outdir, 'sample_options.json'),
+                     lambda f: f.write(json.dumps(options, indent=2, default=str)), mode='w')
+    dist.barrier()
+    dist.print0(f'Sampling {len(seed_list)} seeds of {dataset_name} with {settings["solver"]} '
+                f'({settings["num_steps"]} time points, {settings["schedule_type"]}) into {outdir}')
+    summary = generate(net, seed_list, outdir, settings, batch, batch_gpu, subdirs, class_idx, save_npz, predictor,
+                       device, prompts)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        grid_path = write_grid(outdir, seed_list, subdirs) if grid else None
+        summary['outdir'] = outdir
+        lines = [f"images: {summary['images']} new, {summary['skipped']} already there"]
+        if summary['images']:
+            lines += [f"NFE per image: {summary['nfe_per_image']:g} (sequential rounds: "
+                      f"{summary['sequential_rounds']:g})",
+                      f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
+        lines.append(f'images in: {outdir}')
+        if grid_path:
+            lines.append(f'grid: {grid_path}')
+        print('\n'.join(lines), flush=True)
+    return summary
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,121 @@
+"""The numerical core: schedules, solvers registered by name, and the one entry point `sample`.
+
+Pure functions over a denoiser (models/base.py): no I/O, no model-family special cases.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from solvers import classical
+from solvers.exact import exact, solve_exact  # noqa: F401
+from solvers.schedules import SCHEDULES, get_schedule
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    fn: object
+    evals_per_step: int          # denoiser evaluations per step
+    orders: tuple = (None,)      # allowed max_order values (None: the option does not apply)
+    default_order: int = None
+    first_eval_separate: bool = False   # evaluates once before the loop (UniPC), the last step needs none
+
+
+SOLVERS = {
+    'euler': SolverInfo(classical.euler, 1),
+    'heun': SolverInfo(classical.heun, 2),
+    'dpm': SolverInfo(classical.dpm, 2),
+    'dpmpp': SolverInfo(classical.dpmpp, 1, (1, 2, 3), 3),
+    'unipc': SolverInfo(classical.unipc, 1, (1, 2, 3), 3, first_eval_separate=True),
+    'deis': SolverInfo(classical.deis, 1, (1, 2, 3, 4), 4),
+    'ipndm': SolverInfo(classical.ipndm, 1, (1, 2, 3, 4), 4),
+    'ipndm_v': SolverInfo(classical.ipndm_v, 1, (1, 2, 3, 4), 4),
+}
+UNIPC_VARIANTS = ('bh1', 'bh2')
+
+
+def register(name, info):
+    """Add a solver (learned solvers register themselves this way)."""
+    SOLVERS[name] = info
+
+
+def nfe_formula(solver, num_steps, afs=False, denoise_to_zero=False, **_):
+    """Denoiser evaluations per sample of a classical solver run (the counted value must match it)."""
+    info = SOLVERS[solver]
+    return info.evals_per_step * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
+
+
+def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None, sigma_max=None, max_order=None,
+                  variant='bh2', **_):
+    """Raise ValueError naming the bad option and its allowed values."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(sorted(SOLVERS))}")
+    if schedule_type not in SCHEDULES:
+        raise ValueError(f"unknown schedule_type {schedule_type!r}; allowed: {', '.join(SCHEDULES)}")
+    if not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 2 (it counts time points, num_steps - 1 "
+                         "steps)")
+    orders = SOLVERS[solver].orders
+    if max_order is not None and max_order not in orders:
+        allowed = 'none (the option does not apply)' if orders == (None,) else f'{orders[0]}-{orders[-1]}'
+        raise ValueError(f"max_order={max_order} is out of range for solver {solver!r}; allowed: {allowed}")
+    if sigma_min is not None and sigma_max is not None and not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min={sigma_min} and sigma_max={sigma_max} must satisfy 0 < sigma_min < sigma_max")
+    if solver == 'unipc' and variant not in UNIPC_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not a UniPC variant; allowed: {', '.join(UNIPC_VARIANTS)}")
+
+
+def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, sigma_min=None,
+           sigma_max=None, afs=False, denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True,
+           cond=None, predictor=None, sigmas=None, return_trajectory=False, **options):
+    """Integrate from unit-Gaussian `latents` [B, C, H, W] to samples with a registered solver.
+
+    With a `predictor` (a trained learned-solver predictor), its stored settings are used and the keyword
+    settings ignored. `sigmas` overrides the schedule (a decreasing tensor; num_steps is then its length).
+    dtype and device follow the latents.
+    """
+    if predictor is not None:
+        return predictor.sample(net, latents, cond=cond, return_trajectory=return_trajectory)
+    sigma_min = net.sigma_min if sigma_min is None else float(sigma_min)
+    sigma_max = net.sigma_max if sigma_max is None else float(sigma_max)
+    if sigmas is not None:
+        num_steps = len(sigmas)
+    check_options(solver, num_steps, schedule_type, sigma_min, sigma_max, max_order, **options)
+    info = SOLVERS[solver]
+    if max_order is None:
+        max_order = info.default_order
+    if sigmas is None:
+        sigmas = get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, net=net)
+    sigmas = torch.as_tensor(sigmas).to(device=latents.device, dtype=latents.dtype)
+    x = latents * sigmas[0]
+    opts = dict(options, max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final)
+    return info.fn(net, x, sigmas, cond, afs=afs, denoise_to_zero=denoise_to_zero,
+                   return_trajectory=return_trajectory, **opts)
+
+
+class CallCounter:
+    """Counts denoiser evaluations: `rows` is the total batch rows evaluated, `calls` the number of (sequential)
+    network calls. NFE per sample = rows / batch; sequential rounds = calls."""
+
+    def __init__(self):
+        self.calls = 0
+        self.rows = 0
+
+    def nfe(self, batch):
+        return self.rows / batch
+
+
+@contextlib.contextmanager
+def count_calls(net):
+    """Within the block, every call of `net` is counted (works for any nn.Module denoiser)."""
+    counter = CallCounter()
+
+    def hook(module, args, kwargs):
+        counter.calls += 1
+        counter.rows += (args[0] if args else kwargs['x']).shape[0]
+
+    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
