@@ -218,11 +218,11 @@ def dpmpp(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return
                 if predict_x0:
                     phi2 = phi1 / h + 1
                     phi3 = phi2 / h - 0.5
-                    x_new = x_new + phi2 * d1 - phi3 * d2
+                    x_new = x_new + phi2 * d1 - 2 * phi3 * d2
                 else:
                     phi2 = phi1 / h - 1
                     phi3 = phi2 / h - 0.5
-                    x_new = x_new - t * phi2 * d1 - t * phi3 * d2
+                    x_new = x_new - t * phi2 * d1 - 2 * t * phi3 * d2
         x = x_new
         traj.add(x)
     return _finish(net, x, sigmas, cond, denoise_to_zero, traj)

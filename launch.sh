@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Experiments people edit and run. Usage: bash launch.sh <target>
+#   setup   create the Python environment (.venv, or $VENV) from requirements.txt if missing
+#   demo    the main job on the embedded default (the analytic image mixture): train, sample, score
+#   test    the test suite
+#   train | sample | evaluate   the sections below; edit their flags for your experiment
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+GPUS=${GPUS:-1}
+
+setup() {
+  if [ ! -x "$PY" ] || ! "$PY" -c "import torch, diffusers, click, omegaconf" 2>/dev/null; then
+    echo "Creating the environment in $VENV (torch and friends; a few minutes the first time)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r requirements.txt
+  fi
+}
+
+run() {  # torchrun when more than one worker is asked for
+  if [ "$GPUS" -gt 1 ]; then "$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" "$@"; else "$PY" "$@"; fi
+}
+
+# ---- train: distil a solver predictor ------------------------------------------------------------------------
+train() {
+  SOLVER_FLAGS="--sampler_stu=epd --sampler_tea=dpm --num_steps=4 --M=3 --afs=True --num_points=2"
+  SCHEDULE_FLAGS="--schedule_type=polynomial --schedule_rho=7"
+  ADDITIONAL_FLAGS="--max_order=4 --scale_dir=0.05 --scale_time=0.05"
+  GUIDANCE_FLAGS=""
+  run train.py --dataset_name="${DATASET:-gmm_image}" --batch=64 --total_kimg=10 \
+    $SOLVER_FLAGS $SCHEDULE_FLAGS $ADDITIONAL_FLAGS $GUIDANCE_FLAGS "$@"
+}
+
+# ---- sample: generate images with a predictor or a classical solver -------------------------------------------
+sample() {
+  SOLVER_FLAGS="--sampler_stu=dpmpp --num_steps=6 --afs=False"
+  SCHEDULE_FLAGS="--schedule_type=logsnr"
+  ADDITIONAL_FLAGS="--max_order=3 --predict_x0=True --lower_order_final=True"
+  run sample.py --dataset_name="${DATASET:-gmm_image}" --batch=64 --seeds=0-49999 \
+    $SOLVER_FLAGS $SCHEDULE_FLAGS $ADDITIONAL_FLAGS "$@"
+}
+
+# ---- evaluate: FID of a folder of samples ---------------------------------------------------------------------
+evaluate() {
+  run fid.py calc --images="${IMAGES:?set IMAGES=folder of samples}" --ref="${REF:?set REF=reference npz or URL}" "$@"
+}
+
+demo() {
+  "$PY" bench/demo.py "$@"
+}
+
+tests() {
+  "$PY" -m pytest -q "$@"
+}
+
+target=${1:-demo}
+shift || true
+case "$target" in
+  setup) setup ;;
+  demo) setup; demo "$@" ;;
+  test) setup; tests "$@" ;;
+  train) setup; train "$@" ;;
+  sample) setup; sample "$@" ;;
+  evaluate) setup; evaluate "$@" ;;
+  *) echo "launch.sh: unknown target '$target'; use one of: setup demo test train sample evaluate" >&2; exit 2 ;;
+esac
