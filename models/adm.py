@@ -488,21 +488,28 @@ class ADMDenoiser(Denoiser):
         self.sigma_max = float(sigmas[-1] if sigma_max is None else sigma_max)
         self.img_channels = unet.in_channels
         self.sample_shape = (unet.in_channels, unet_kwargs['image_size'], unet_kwargs['image_size'])
-        self.label_dim = int(unet.num_classes or 0)
         if guidance_type == 'cg' and classifier is None:
             raise ModelError('guidance_type=cg needs a classifier: set classifier_path')
+        # Labels are drawn for a conditional U-Net, and for an unconditional one guided by a classifier.
+        self.unet_conditional = unet.num_classes is not None
+        if self.unet_conditional:
+            self.label_dim = int(unet.num_classes)
+        elif guidance_type == 'cg':
+            self.label_dim = int(classifier_kwargs['out_channels'])
+        else:
+            self.label_dim = 0
 
     def timestep(self, sigma):
         return fractional_timestep(sigma, self.log1p_sigma2).float()
 
     def denoise(self, x, sigma, cond=None):
         if self.label_dim and cond is None:
-            raise ValueError('this ADM model is class-conditional: pass one-hot labels as cond')
+            raise ValueError('this ADM model needs labels (class-conditional or classifier-guided): pass one-hot cond')
         s = sigma.float().reshape(-1, 1, 1, 1)
         x32 = x.float()
         x_vp = x32 / (1 + s ** 2).sqrt()
         t = self.timestep(sigma.float())
-        labels = cond.float() if self.label_dim else None
+        labels = cond.float() if self.unet_conditional else None
         out, bottleneck = self.unet(x_vp, t, labels, return_bottleneck=True)
         eps = out[:, :self.img_channels]  # learned-sigma models append the variance channels; not used by ODEs
         if self.guidance_type == 'cg' and self.guidance_rate != 0:
