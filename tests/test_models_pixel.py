@@ -24,6 +24,15 @@ from torch_utils.download import cached_path, open_model_file
 RES = 8
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _single_thread():
+    # Tiny convolutions gain nothing from threads, and on a busy shared CPU threads make them much slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _perturb(module, scale=0.05, seed=1):
     # Zero-initialised output layers would hide errors; give every weight a random offset.
     g = torch.Generator().manual_seed(seed)
