@@ -80,6 +80,70 @@ def build_tiny_sd(folder, prediction_type='epsilon', seed=0):
     return folder
 
 
+def sd_original_checkpoint(folder):
+    """The tiny SD folder's weights in the original (CompVis/RunwayML) single-file layout, built by the inverse of
+    the documented LDM -> diffusers key mapping (input/middle/output blocks, KL first stage, CLIP under
+    cond_stage_model.transformer.text_model)."""
+    import re
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
+    vae = AutoencoderKL.from_pretrained(folder, subfolder='vae')
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder='text_encoder')
+    L = unet.config.layers_per_block
+    up_has_attention = [getattr(block, 'attentions', None) is not None for block in unet.up_blocks]
+    fixed = {'time_embedding.linear_1.': 'time_embed.0.', 'time_embedding.linear_2.': 'time_embed.2.',
+             'conv_in.': 'input_blocks.0.0.', 'conv_norm_out.': 'out.0.', 'conv_out.': 'out.2.'}
+    resnet = {'norm1.': 'in_layers.0.', 'conv1.': 'in_layers.2.', 'norm2.': 'out_layers.0.',
+              'conv2.': 'out_layers.3.', 'time_emb_proj.': 'emb_layers.1.', 'conv_shortcut.': 'skip_connection.'}
+
+    def unet_key(k):
+        for a, b in fixed.items():
+            if k.startswith(a):
+                return b + k[len(a):]
+        if m := re.match(r'(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)', k):
+            i, j, rest = int(m[2]), int(m[4]), m[5]
+            if m[3] == 'resnets':
+                for a, b in resnet.items():
+                    rest = rest.replace(a, b) if rest.startswith(a) else rest
+            block = (L + 1) * i + j + 1 if m[1] == 'down' else (L + 1) * i + j
+            return f"{'input' if m[1] == 'down' else 'output'}_blocks.{block}.{0 if m[3] == 'resnets' else 1}.{rest}"
+        if m := re.match(r'down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)', k):
+            return f'input_blocks.{(L + 1) * (int(m[1]) + 1)}.0.op.{m[2]}'
+        if m := re.match(r'up_blocks\.(\d+)\.upsamplers\.0\.(.*)', k):
+            i = int(m[1])
+            return f'output_blocks.{(L + 1) * i + L}.{2 if up_has_attention[i] else 1}.{m[2]}'
+        if m := re.match(r'mid_block\.attentions\.0\.(.*)', k):
+            return f'middle_block.1.{m[1]}'
+        if m := re.match(r'mid_block\.resnets\.(\d+)\.(.*)', k):
+            rest = m[2]
+            for a, b in resnet.items():
+                rest = rest.replace(a, b) if rest.startswith(a) else rest
+            return f'middle_block.{2 * int(m[1])}.{rest}'
+        raise KeyError(k)
+
+    n = len(vae.config.block_out_channels)
+    vae_rules = [(r'^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.', lambda m: f'encoder.down.{m[1]}.block.{m[2]}.'),
+                 (r'^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.', lambda m: f'encoder.down.{m[1]}.downsample.'),
+                 (r'^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.', lambda m: f'decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.'),
+                 (r'^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.', lambda m: f'decoder.up.{n - 1 - int(m[1])}.upsample.'),
+                 (r'mid_block\.resnets\.(\d+)\.', lambda m: f'mid.block_{int(m[1]) + 1}.'),
+                 (r'mid_block\.attentions\.0\.', lambda m: 'mid.attn_1.'),
+                 (r'conv_norm_out\.', lambda m: 'norm_out.'), (r'conv_shortcut\.', lambda m: 'nin_shortcut.'),
+                 (r'attn_1\.group_norm\.', lambda m: 'attn_1.norm.'), (r'attn_1\.to_out\.0\.', lambda m: 'attn_1.proj_out.'),
+                 (r'attn_1\.to_([qkv])\.', lambda m: f'attn_1.{m[1]}.')]
+    state = {'model.diffusion_model.' + unet_key(k): v for k, v in unet.state_dict().items()}
+    for k, v in vae.state_dict().items():
+        for pattern, repl in vae_rules:
+            k = re.sub(pattern, repl, k)
+        if re.search(r'attn_1\.(q|k|v|proj_out)\.weight', k):
+            v = v[:, :, None, None]  # the original first stage uses 1x1 convolutions where diffusers has linears
+        state['first_stage_model.' + k] = v
+    for k, v in text_encoder.state_dict().items():
+        state['cond_stage_model.transformer.text_model.' + k.removeprefix('text_model.')] = v
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def build_tiny_ldm(folder, seed=0):
     """LDMPipeline layout (unet: UNet2DModel, vqvae: VQModel): 8x8x3 latents, 16x16 images."""
     from diffusers import DDIMScheduler, UNet2DModel, VQModel
@@ -505,6 +569,22 @@ def test_single_file_of_another_family(tmp_path):
         load('sd', path)
     with pytest.raises(ModelError, match='does not exist'):
         load('sd', str(tmp_path / 'missing.ckpt'))
+
+
+def test_sd_single_original_checkpoint(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    path = str(tmp_path / 'sd-original.safetensors')
+    save_file(sd_original_checkpoint(tiny['sd']), path)
+    net = load('sd', path, single_file_config=tiny['sd'])
+    ref = load('sd', tiny['sd'])
+    for a, b in [(net.network, ref.network), (net.vae, ref.vae), (net.text_encoder, ref.text_encoder)]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.randn(1, *net.sample_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 3.0, net.encode_prompts(['a cat'])), ref(x, 3.0, ref.encode_prompts(['a cat'])))
 
 
 def test_unknown_option_and_dtype(tiny):
