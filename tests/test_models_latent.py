@@ -276,10 +276,11 @@ def ve_euler(net, x, sigma, sigma_next, cond):
 
 
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction'])
-def test_vp_ddim_step_equals_ve_euler(tmp_path, prediction_type):
+def test_vp_ddim_step_equals_ve_euler(tiny, tmp_path, prediction_type):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    folder = build_tiny_sd(str(tmp_path / 'sd'), prediction_type=prediction_type)
+    folder = tiny['sd'] if prediction_type == 'epsilon' else \
+        build_tiny_sd(str(tmp_path / 'sd'), prediction_type=prediction_type)
     net = load('sd', folder, guidance_type='cfg', guidance_rate=3.0)
     # independent path: the saved components driven as the diffusers SD pipeline drives them
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder='unet')
@@ -622,3 +623,25 @@ def test_prompt_url_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
     source.write_text('text\nchanged\n')
     assert prompts.read_prompt_file(url) == ['x', 'y']      # served from the cache
     assert os.path.isfile(tmp_path / 'cache' / 'prompts' / 'captions.csv')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs/: every model mapping is accepted by its loader (tiny weights in place of the real ones).
+
+CONFIGS = {'ms_coco': 'sd', 'lsun_bedroom_ldm': 'ldm', 'sd3_512': 'sd3', 'sd3_1024': 'sd3', 'flux': 'flux',
+           'dit': 'dit'}
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_config_model_options_load(tiny, name):
+    from omegaconf import OmegaConf
+    root = os.path.join(os.path.dirname(__file__), '..', 'configs')
+    config = OmegaConf.to_container(OmegaConf.load(os.path.join(root, f'{name}.yaml')))
+    assert {'dataset_name', 'model', 'sample', 'train', 'fid_ref'} <= set(config)
+    options = dict(config['model'])
+    family = options.pop('family')
+    assert family == CONFIGS[name]
+    options.update(model_path=tiny[family], dtype='fp32')
+    net = models.load_denoiser(**options, family=family)
+    if 'resolution' in config['model']:
+        assert net.resolution == config['model']['resolution']
