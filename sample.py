@@ -157,8 +157,8 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                         labels = torch.nn.functional.one_hot(torch.full((len(part),), class_idx, device=device),
                                                              net.label_dim).float()
                     cond = labels.to(dtype)
-                if prompts is not None and hasattr(net, 'encode_prompts'):
-                    cond = net.encode_prompts([prompts.prompt_for_seed(s) for s in part])
+                if prompts is not None:
+                    cond = net.encode_prompts(prompts.prompts_for_seeds(part))
                 with torch.no_grad(), solvers.count_calls(net) as counter:
                     x = solvers.sample(net, latents, cond=cond, predictor=predictor, **solve_opts)
                     images = net.decode(x)
@@ -276,9 +276,11 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
         raise UsageError(f"--class={class_idx} is out of range: the model has {net.label_dim} classes"
                          if net.label_dim else f"--class given, but {dataset_name} is unconditional; drop --class")
     prompts = None
-    if prompt is not None or prompt_file is not None:
-        from models.prompts import load_prompts
-        prompts = load_prompts(prompt=prompt, prompt_file=prompt_file)
+    if getattr(net, 'prompt_keys', None):
+        from models.prompts import load_prompt_source
+        prompts = load_prompt_source(prompt=prompt, prompt_file=prompt_file, dataset_name=dataset_name)
+    elif prompt is not None or prompt_file is not None:
+        raise UsageError(f"--prompt/--prompt_file given, but {dataset_name} is not a text-to-image model")
     if outdir is None:
         nfe = predictor.nfe() if predictor is not None else solvers.nfe_formula(**settings)
         outdir = os.path.join('samples', dataset_name, f"{settings['solver']}_nfe{nfe}")

@@ -12,12 +12,13 @@ def known_datasets():
 
 
 def load_config(name):
-    """The config of a dataset as a plain dict, with sections model, sample, train (each possibly empty)."""
-    path = os.path.join(CONFIG_DIR, f'{name}.yaml')
+    """The config of a dataset as a plain dict, with sections model, sample, train (each possibly empty).
+    `name` is a config in configs/ or the path of a YAML file of the same form (for models of your own)."""
+    path = name if str(name).endswith(('.yaml', '.yml')) else os.path.join(CONFIG_DIR, f'{name}.yaml')
     if not os.path.isfile(path):
         raise ValueError(f"unknown dataset_name {name!r}; known: {', '.join(known_datasets())}")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     for section in ('model', 'sample', 'train'):
         cfg[section] = dict(cfg.get(section) or {})
-    cfg.setdefault('dataset_name', name)
+    cfg.setdefault('dataset_name', os.path.splitext(os.path.basename(str(name)))[0])
     return cfg
