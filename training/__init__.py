@@ -1,0 +1,56 @@
+"""Predictors of learned solvers, their distillation (training/distill.py) and loading."""
+import json
+import os
+import re
+
+from safetensors.torch import load_file, save_file
+
+from torch_utils.misc import atomic_write
+from training.predictors import PREDICTORS, AMEDPredictor, EPDPredictor  # noqa: F401
+
+PREDICTOR_FILE = 'predictor.safetensors'
+SETTINGS_FILE = 'predictor.json'
+EXPS_DIR = 'exps'
+
+
+def save_predictor(predictor, folder):
+    """Weights as safetensors and every setting as JSON, each written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    meta = dict(predictor.settings, predictor=predictor.kind)
+    atomic_write(os.path.join(folder, SETTINGS_FILE), lambda f: f.write(json.dumps(meta, indent=2)), mode='w')
+    tensors = {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
+    tmp = os.path.join(folder, '.' + PREDICTOR_FILE + '.tmp')
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(folder, PREDICTOR_FILE))
+
+
+def resolve_predictor_path(path, exps_dir=EXPS_DIR):
+    """A folder, a file inside it, or an experiment number (folder exps/NNNNN-*) -> the predictor folder."""
+    path = str(path)
+    if os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return path
+    if re.fullmatch(r'\d+', path) and os.path.isdir(exps_dir):
+        prefix = f'{int(path):05d}-'
+        matches = sorted(d for d in os.listdir(exps_dir) if d.startswith(prefix))
+        if matches:
+            return os.path.join(exps_dir, matches[0])
+    raise ValueError(f"--predictor_path={path}: no such folder, file or experiment number in {exps_dir}/")
+
+
+def load_predictor(path, exps_dir=EXPS_DIR):
+    """Load a trained predictor (no code is executed: JSON settings and safetensors weights)."""
+    folder = resolve_predictor_path(path, exps_dir)
+    settings_path, weights_path = os.path.join(folder, SETTINGS_FILE), os.path.join(folder, PREDICTOR_FILE)
+    if not (os.path.isfile(settings_path) and os.path.isfile(weights_path)):
+        raise ValueError(f"{folder} holds no trained predictor ({SETTINGS_FILE} and {PREDICTOR_FILE}); has the "
+                         "training finished?")
+    with open(settings_path) as f:
+        settings = json.load(f)
+    kind = settings.pop('predictor', None)
+    if kind not in PREDICTORS:
+        raise ValueError(f"{settings_path}: unknown predictor kind {kind!r}; known: {', '.join(PREDICTORS)}")
+    predictor = PREDICTORS[kind](settings)
+    predictor.load_state_dict(load_file(weights_path))
+    return predictor.eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""Predictors that parametrise learned solvers, saved as safetensors + JSON (no code in the file).
+
+EPDPredictor: per step and point, tables for position r (sigmoid), direction scale c, time scale a and simplex
+weights w (softmax). AMEDPredictor: a small network from the bottleneck feature and the step's times to (r, c, a).
+Both carry `settings`: everything needed to sample with them (solver, schedule, steps, points, afs, scales,
+dataset, sample shape, guidance).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import solvers
+from solvers.learned import amed, epd
+
+
+def bounded_scale(raw, scale, temperature=1.0):
+    """Map a raw parameter to (1 - scale, 1 + scale); exactly 1 when scale is 0."""
+    if not scale:
+        return torch.ones_like(raw)
+    return 2 * scale * torch.sigmoid(temperature * raw) + 1 - scale
+
+
+class LearnedPredictor(torch.nn.Module):
+    kind = None
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = dict(settings)
+
+    def schedule(self, net):
+        s = self.settings
+        return solvers.get_schedule(s['num_steps'], s['sigma_min'], s['sigma_max'], s['schedule_type'],
+                                    s['schedule_rho'], net=net)
+
+    def nfe(self):
+        """Sequential denoiser rounds per sample (the papers' NFE): 2 per step, 1 less with AFS."""
+        return 2 * (self.settings['num_steps'] - 1) - int(bool(self.settings['afs']))
+
+    def evaluations(self):
+        """Denoiser evaluations per sample (each parallel point counts)."""
+        return (self.settings['num_steps'] - 1) * (1 + self.points) - int(bool(self.settings['afs']))
+
+    points = 1
+
+    def summary(self):
+        s = self.settings
+        return dict(solver=s['sampler_stu'], predictor=self.kind, num_steps=s['num_steps'],
+                    schedule_type=s['schedule_type'], schedule_rho=s['schedule_rho'], afs=s['afs'],
+                    sigma_min=s['sigma_min'], sigma_max=s['sigma_max'])
+
+    def check_model(self, net):
+        shape = tuple(self.settings['sample_shape'])
+        if tuple(net.sample_shape) != shape:
+            raise ValueError(f"the predictor was trained for samples of shape {shape}, but the model makes "
+                             f"{tuple(net.sample_shape)}; use a predictor trained for this model")
+
+    def sample(self, net, latents, cond=None, return_trajectory=False):
+        sigmas = self.schedule(net).to(device=latents.device, dtype=latents.dtype)
+        return self.solve(net, latents * sigmas[0], sigmas, cond, return_trajectory=return_trajectory)
+
+
+class EPDPredictor(LearnedPredictor):
+    kind = 'epd'
+
+    def __init__(self, settings, generator=None):
+        super().__init__(settings)
+        steps, K = settings['num_steps'] - 1, settings['num_points']
+        self.points = K
+        init = lambda: torch.nn.Parameter(torch.randn(steps, K, generator=generator, dtype=torch.float64) * 0.5)
+        self.r_params, self.scale_dir_params, self.scale_time_params, self.weight_params = (
+            init(), init(), init(), init())
+
+    def table(self, step, dtype=torch.float64):
+        s = self.settings
+        r = torch.sigmoid(self.r_params[step])
+        c = bounded_scale(self.scale_dir_params[step], s['scale_dir'], 0.5)
+        a = bounded_scale(self.scale_time_params[step], s['scale_time'], 0.5)
+        w = torch.softmax(self.weight_params[step], dim=0)
+        return tuple(v.to(dtype) for v in (r, c, a, w))
+
+    def solve(self, net, x, sigmas, cond=None, return_trajectory=False):
+        s = self.settings
+        plugin = 'ipndm' if s['sampler_stu'] == 'ipndm' else None
+        return epd(net, x, sigmas, cond, table=lambda n: self.table(n, x.dtype), afs=s['afs'], fcn=s['fcn'],
+                   plugin=plugin, max_order=s.get('max_order') or 3, return_trajectory=return_trajectory)
+
+
+def time_embedding(sigma, channels=8):
+    """Sinusoidal embedding of log sigma (log: sigma spans 1e-3 to 1e2, raw sigma would saturate)."""
+    freqs = torch.exp(torch.arange(channels // 2, dtype=torch.float64) * (-math.log(100.0) / (channels // 2)))
+    angles = torch.log(sigma.to(torch.float64)).reshape(-1, 1) * freqs.to(sigma.device) * 4
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class AMEDPredictor(LearnedPredictor):
+    kind = 'amed'
+
+    def __init__(self, settings, generator=None):
+        super().__init__(settings)
+        F_in = settings['feature_dim']
+        hidden = settings.get('hidden_dim', 128)
+        self.feature_net = torch.nn.Sequential(torch.nn.Linear(F_in, hidden), torch.nn.SiLU(),
+                                               torch.nn.Linear(hidden, 4))
+        self.time_net = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(4 + 16, 3)
+        with torch.no_grad():
+            for layer in (self.feature_net[0], self.feature_net[2], self.time_net, self.head):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(layer.in_features))
+                layer.bias.zero_()
+        self.double()
+
+    def params(self, feature, t_cur, t_next):
+        s = self.settings
+        B = feature.shape[0]
+        emb = torch.cat([F.silu(self.time_net(time_embedding(t.reshape(1)))) for t in (t_cur, t_next)], dim=1)
+        u = torch.cat([self.feature_net(feature.to(torch.float64).reshape(B, -1)), emb.expand(B, -1)], dim=1)
+        out = self.head(u)
+        r = torch.sigmoid(out[:, 0])
+        c = bounded_scale(out[:, 1], s['scale_dir'])
+        a = bounded_scale(out[:, 2], s['scale_time'])
+        return tuple(v.to(feature.dtype) for v in (r, c, a))
+
+    def solve(self, net, x, sigmas, cond=None, return_trajectory=False):
+        s = self.settings
+        base = s['sampler_stu']
+        return amed(net, x, sigmas, cond, params=self.params, base=base, afs=s['afs'],
+                    max_order=s.get('max_order') or 3, return_trajectory=return_trajectory)
+
+
+PREDICTORS = {'epd': EPDPredictor, 'amed': AMEDPredictor}
