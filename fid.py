@@ -35,10 +35,12 @@ def cache_dir():
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, without a general matrix square root.
 
-    The eigenvalues of S1 S2 equal those of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace of
-    the square root is the sum of square roots of that matrix's eigenvalues: two symmetric eigensolvers
-    instead of scipy.linalg.sqrtm's Schur iteration. Negative eigenvalues (round-off on singular covariances)
-    are clipped to zero."""
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, and those equal the
+    eigenvalues of the symmetric PSD matrix F^T S2 F for any factor S1 = F F^T. So one symmetric eigenvalue
+    solve (values only) replaces scipy.linalg.sqrtm's Schur decomposition of a non-symmetric matrix. F is the
+    Cholesky factor of whichever covariance is positive definite; when neither is (fewer samples than
+    dimensions), F = V diag(sqrt(w)) from an eigendecomposition. Negative eigenvalues (round-off on singular
+    covariances) are clipped to zero."""
     mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
@@ -47,13 +49,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                          f'sigma {sigma1.shape} vs {sigma2.shape}')
     sigma1 = (sigma1 + sigma1.T) / 2
     sigma2 = (sigma2 + sigma2.T) / 2
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2 (float64), as described in frechet_distance.
+
+    The factor F comes from LAPACK's pivoted Cholesky (dpstrf), which also handles singular covariances (fewer
+    samples than dimensions): it stops at the numerical rank r, so F is d x r and F^T S2 F only r x r."""
+    import scipy.linalg.lapack
+    c, piv, rank, info = scipy.linalg.lapack.dpstrf(sigma1, lower=1)
+    if info < 0:
+        raise ValueError(f'dpstrf failed (info={info})')
+    lower = np.tril(c)[:, :rank]                   # P^T S1 P = L L^T  ->  S1 = (P L)(P L)^T
+    factor = np.empty_like(lower)
+    factor[piv - 1] = lower                        # LAPACK pivots are 1-based
+    middle = factor.T @ sigma2 @ factor
+    eig = torch.linalg.eigvalsh(torch.from_numpy((middle + middle.T) / 2)).numpy()
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 # -- detectors -----------------------------------------------------------------------------------------------
