@@ -242,7 +242,8 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
     seed_list = parse_int_list(seeds)
     if not seed_list:
         raise UsageError(f"--seeds={seeds!r} selects no seed")
-    device = dist.init(device)
+    dist.init()
+    device = torch.device(device) if device else dist.get_device()
     predictor = None
     if predictor_path is not None:
         import training

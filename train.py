@@ -110,7 +110,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, sigma_min, sigma_max, max_order,
         predict_x0, lower_order_final, guidance_type, guidance_rate, prompt_path, batch, batch_gpu, total_kimg, lr,
         coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run):
-    device = dist.init(device)
+    dist.init()
+    device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = configs.load_config(dataset_name)
     tcfg = cfg['train']
@@ -162,10 +163,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     if resume is not None:
         run_dir = training.resolve_predictor_path(resume, outdir)
     else:
-        run_dir = [next_run_dir(outdir, name) if rank == 0 else None]
-        if world > 1:
-            torch.distributed.broadcast_object_list(run_dir, src=0)
-        run_dir = run_dir[0]
+        run_dir = dist.broadcast_object(next_run_dir(outdir, name) if rank == 0 else None)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if resume is None:
@@ -212,8 +210,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad = torch.nan_to_num(dist.all_reduce_sum(p.grad), nan=0.0, posinf=1e5, neginf=-1e5)
-        dist.all_reduce_sum(step_losses)
-        dist.all_reduce_sum(total)
+        step_losses = dist.all_reduce_sum(step_losses)
+        total = dist.all_reduce_sum(total)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

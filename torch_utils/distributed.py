@@ -1,64 +1,132 @@
-"""torchrun-aware process group helpers. A single process (no torchrun) needs no process group at all;
-under torchrun the backend is NCCL on GPU and gloo on CPU."""
+"""Multi-process helpers for torchrun (one process per GPU, or several CPU processes).
+
+Under torchrun (WORLD_SIZE > 1 in the environment) `init()` creates the process group from torchrun's
+env:// variables: NCCL when CUDA is available, gloo otherwise. A plain `python script.py` is one process and
+creates no process group at all, so it needs no free port and two single-process runs never collide.
+Every helper below works in both cases; with one process the collectives are no-ops.
+"""
 import os
 
 import torch
 import torch.distributed as dist
 
+_backend = None
 
-def init(device=None):
-    """Join the torchrun process group if launched by torchrun; returns the torch device of this rank."""
-    cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
-    if 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend='nccl' if cuda else 'gloo')
-    if device is not None:
-        return torch.device(device)
-    if cuda:
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    return torch.device('cpu')
+
+def init(backend=None):
+    """Join the torchrun process group if launched by torchrun; otherwise do nothing. Idempotent."""
+    global _backend
+    if dist.is_available() and dist.is_initialized():
+        return
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return
+    if backend is None:
+        backend = os.environ.get('DIST_BACKEND') or ('nccl' if torch.cuda.is_available() else 'gloo')
+    if backend == 'nccl':
+        torch.cuda.set_device(get_local_rank())
+    dist.init_process_group(backend=backend, init_method='env://')
+    _backend = backend
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
 
 
 def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if is_initialized() else 0
 
 
 def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank():
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def get_device():
+    """The device this process should compute on: its own GPU if there is one, else the CPU."""
+    if torch.cuda.is_available() and _backend != 'gloo':
+        return torch.device('cuda', get_local_rank() % torch.cuda.device_count())
+    return torch.device('cpu')
 
 
 def barrier():
-    if dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def print0(*args, **kwargs):
+    """print on rank 0 only."""
     if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        print(*args, **kwargs)
 
 
-def all_gather_tensor(tensor):
-    """Concatenate a tensor's rows from every rank (rows may differ in number across ranks)."""
-    if not dist.is_initialized():
-        return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-    biggest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(biggest, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
-    padded[:tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)])
+def _comm_device():
+    return torch.device('cuda', torch.cuda.current_device()) if _backend == 'nccl' else torch.device('cpu')
 
 
 def all_reduce_sum(tensor):
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+    """Sum of `tensor` over all processes (a new tensor on tensor's device; the input is left alone)."""
+    if not is_initialized():
+        return tensor.clone()
+    buf = tensor.detach().to(_comm_device()).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(tensor.device)
+
+
+def all_gather(tensor):
+    """Concatenate along dim 0 the tensors of all processes, in rank order.
+
+    The tensors may differ in their first dimension (e.g. the last shard is short); the rest must agree."""
+    if not is_initialized():
+        return tensor.clone()
+    world = get_world_size()
+    dev = _comm_device()
+    local = tensor.detach().to(dev).contiguous()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.int64, device=dev))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device)
+
+
+def all_gather_object(obj):
+    """List of `obj` from every process, in rank order (pickled; for small python objects only)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    """The value of `obj` on rank `src`, on every process."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def rank_batches(num_items, max_batch_size):
+    """This process's share of range(num_items), as a list of index tensors (EDM's sharding).
+
+    The items are split into near-equal contiguous chunks, a multiple of the world size in number, and rank r
+    takes chunks r, r + W, r + 2W, ... Every rank gets the same number of chunks (some may be empty), so
+    collectives called once per chunk stay in step."""
+    world = get_world_size()
+    num_batches = ((num_items - 1) // (max_batch_size * world) + 1) * world if num_items > 0 else world
+    all_batches = torch.arange(num_items).tensor_split(num_batches)
+    return all_batches[get_rank()::world]
 
 
 def shutdown():
-    if dist.is_initialized():
+    """Leave the process group (if any), so that the process exits cleanly."""
+    global _backend
+    if is_initialized():
         dist.destroy_process_group()
+    _backend = None
