@@ -25,6 +25,8 @@ def run_cli(args, cwd=ROOT, nproc=1, env=None, timeout=600, check=True):
     import subprocess
     base = [PYTHON] if nproc == 1 else [PYTHON, '-m', 'torch.distributed.run', '--standalone',
                                          f'--nproc_per_node={nproc}']
+    if args and args[0].endswith('.py') and not os.path.isabs(args[0]):
+        args = [os.path.join(ROOT, args[0])] + list(args[1:])
     full_env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
     full_env.update(env or {})
     proc = subprocess.run(base + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

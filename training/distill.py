@@ -1,8 +1,8 @@
 """Distillation of a learned solver's predictor from a teacher's trajectories of a frozen denoiser.
 
 Objective 'l2' (full trajectory): the student runs its whole trajectory from the teacher's start, and the loss
-is the sum over its time points of the squared error to the teacher's states, backpropagated through the whole
-trajectory; one optimizer step per iteration.
+is the sum over its time points of the squared error to the teacher's states (in the variance-preserving scale
+x / sqrt(1 + sigma^2)), backpropagated through the whole trajectory; one optimizer step per iteration.
 Objective 'inception' (the reference scheme): the same, except that the final point's L2 term is replaced by
 alpha times the mean squared difference of Inception-v3 pool features of the decoded images.
 
@@ -53,7 +53,10 @@ def distill_loss(predictor, net, latents, cond, settings, feature_net=None, glob
     target = teacher_states(net, x0, sigmas, cond, settings['sampler_tea'], settings['M'], settings['schedule_type'],
                             settings['schedule_rho'], settings.get('max_order'))
     _, traj = predictor.solve(net, x0, sigmas, cond, return_trajectory=True)
-    per_step = ((traj[1:] - target[1:]) ** 2).flatten(2).sum(2)            # [N - 1, B]
+    # Squared errors of the states in the variance-preserving scale x / sqrt(1 + sigma^2), so that the early,
+    # large-sigma states (whose raw errors are ~sigma times larger) do not drown the final one.
+    weights = (1 + sigmas[1:] ** 2).reciprocal().reshape(-1, 1)
+    per_step = ((traj[1:] - target[1:]) ** 2).flatten(2).sum(2) * weights   # [N - 1, B]
     norm = global_batch or latents.shape[0]
     if settings['loss'] == 'inception':
         to_pixels = lambda x: (net.decode(x) * 127.5 + 128).clamp(0, 255)
