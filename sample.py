@@ -19,7 +19,8 @@ import configs
 import models
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.misc import atomic_write, parse_int_list, randn_per_seed, seed_generators
+from torch_utils.image_io import atomic_write
+from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
 
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -64,16 +65,6 @@ def write_grid(outdir, seeds, subdirs, max_images=64):
     path = os.path.join(outdir, 'grid.png')
     atomic_write(path, lambda f: PIL.Image.fromarray(grid).save(f, format='PNG'))
     return path
-
-
-def shard_seeds(seeds, batch, world_size, rank):
-    """EDM's sharding: near-equal contiguous chunks of at most `batch` seeds (total over workers), rank r takes
-    chunks r, r + W, ... Every rank gets the same number of chunks (some may be empty)."""
-    if not seeds:
-        return []
-    num_batches = ((len(seeds) - 1) // (batch * world_size) + 1) * world_size
-    chunks = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
-    return [c.tolist() for c in chunks[rank::world_size]]
 
 
 class NonFiniteError(Exception):
@@ -128,7 +119,8 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                 and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
     todo = [s for s in seeds if not done(s)]
     dist.barrier()
-    chunks = shard_seeds(todo, batch, world, rank)
+    # EDM's sharding: every rank gets the same number of chunks (some may be empty).
+    chunks = [[todo[i] for i in idx.tolist()] for idx in dist.rank_batches(len(todo), batch)]
     solve_opts = {k: settings[k] for k in ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs',
                                            'denoise_to_zero', 'max_order', 'predict_x0', 'lower_order_final',
                                            'variant', 'sigma_min', 'sigma_max') if k in settings}
@@ -296,7 +288,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
         options = dict(dataset_name=dataset_name, model_path=model_path, predictor_path=predictor_path,
                        seeds=seeds, batch=batch, settings=settings)
         atomic_write(os.path.join(outdir, 'sample_options.json'),
-                     lambda f: f.write(json.dumps(options, indent=2, default=str)), mode='w')
+                     json.dumps(options, indent=2, default=str).encode())
     dist.barrier()
     dist.print0(f'Sampling {len(seed_list)} seeds of {dataset_name} with {settings["solver"]} '
                 f'({settings["num_steps"]} time points, {settings["schedule_type"]}) into {outdir}')

@@ -18,7 +18,7 @@ import solvers
 import training
 from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
-from torch_utils.misc import atomic_write
+from torch_utils.image_io import atomic_write
 
 STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm')   # ipndm: EPD-Plugin; euler/dpm: AMED-Plugin
 STATE_FILE = 'training-state.pt'
@@ -168,7 +168,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         os.makedirs(run_dir, exist_ok=True)
         if resume is None:
             atomic_write(os.path.join(run_dir, 'training_options.json'),
-                         lambda f: f.write(json.dumps(dict(options, run_dir=run_dir), indent=2)), mode='w')
+                         json.dumps(dict(options, run_dir=run_dir), indent=2).encode())
     dist.barrier()
     log = Logger(os.path.join(run_dir, 'log.txt'))
 

@@ -89,11 +89,12 @@ def patched(obj, name, value):
 
 
 def time_in_process(seeds, batch, solver, num_steps, dtype, outdir):
-    """Seconds of the whole generate loop and of its parts."""
+    """Seconds of the whole generate loop and of its parts ("solver": inside solvers.sample but outside the
+    denoiser; "quantize": the conversion to uint8)."""
     cfg = configs.load_config(configs.DEFAULT_DATASET)
     settings = sample.resolve_settings(cfg, dict(solver=solver, num_steps=num_steps, dtype=dtype))
     net = sample.load_model(cfg, None, torch.device('cpu'))
-    denoiser, png, fsync, latents = Stopwatch(), Stopwatch(), Stopwatch(), Stopwatch()
+    denoiser, png, fsync, latents, solve, quantize = (Stopwatch() for _ in range(6))
     starts = []
 
     def before(module, args):
@@ -110,7 +111,9 @@ def time_in_process(seeds, batch, solver, num_steps, dtype, outdir):
     try:
         with patched(sample, 'save_png', png.wrap(sample.save_png)), \
                 patched(sample, 'randn_per_seed', latents.wrap(misc.randn_per_seed)), \
-                patched(os, 'fsync', fsync.wrap(os.fsync)):
+                patched(os, 'fsync', fsync.wrap(os.fsync)), \
+                patched(solvers, 'sample', solve.wrap(solvers.sample)), \
+                patched(sample, 'to_uint8', quantize.wrap(sample.to_uint8)):
             start = time.perf_counter()
             summary = sample.generate(net, misc.parse_int_list(seeds), outdir, settings, batch, progress=False)
             total = time.perf_counter() - start
@@ -119,7 +122,8 @@ def time_in_process(seeds, batch, solver, num_steps, dtype, outdir):
             handle.remove()
     assert summary['images'] == len(misc.parse_int_list(seeds))
     return dict(total=total, denoiser=denoiser.seconds, calls=denoiser.count, png=png.seconds, fsync=fsync.seconds,
-                latents=latents.seconds, images=summary['images'], nfe=summary['nfe_per_image'])
+                latents=latents.seconds, solver=solve.seconds - denoiser.seconds, quantize=quantize.seconds,
+                images=summary['images'], nfe=summary['nfe_per_image'])
 
 
 def describe_machine():
@@ -130,7 +134,7 @@ def describe_machine():
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return f'{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} intra-op threads'
+    return f'{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}'
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -140,8 +144,9 @@ def describe_machine():
 @click.option('--solver', metavar='NAME', default='dpmpp', help='Solver')
 @click.option('--nfe', metavar='INT', type=click.IntRange(min=1), default=5, help='Denoiser evaluations per image (one per step)')
 @click.option('--dtypes', metavar='LIST', default='float64,float32', help='Sampling dtypes to measure (float64: the analytic config\'s)')
+@click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=1, help='Torch threads of the in-process measurement')
 @click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=2, help='Runs per setting; the fastest is reported')
-def main(out, seeds, batch, solver, nfe, dtypes, repeats):
+def main(out, seeds, batch, solver, nfe, dtypes, threads, repeats):
     """Throughput of sample.py with 1 and 2 CPU workers, and the time outside the denoiser."""
     if solvers.SOLVERS[solver].evals_per_step != 1:
         raise click.BadParameter('choose a solver with one evaluation per step', param_hint='--solver')
@@ -161,6 +166,7 @@ def main(out, seeds, batch, solver, nfe, dtypes, repeats):
                       + ', '.join(f'{r[0]:.1f}' for r in runs) + ' images/s '
                       f'(process wall {min(r[2] for r in runs):.1f} s)', flush=True)
         shares = {}
+        torch.set_num_threads(threads)
         for dtype in dtypes:
             runs = [time_in_process(seeds, batch, solver, num_steps, dtype, os.path.join(tmp, 'inproc'))
                     for _ in range(repeats)]
@@ -169,12 +175,12 @@ def main(out, seeds, batch, solver, nfe, dtypes, repeats):
             outside = 1 - best['denoiser'] / best['total']
             print(f'{dtype} in process: total {best["total"]:.2f} s, denoiser {best["denoiser"]:.2f} s '
                   f'({best["calls"]} calls), outside {100 * outside:.1f} % (PNG {best["png"]:.2f} s of which fsync '
-                  f'{best["fsync"]:.2f} s, latents {best["latents"]:.2f} s)', flush=True)
+                  f'{best["fsync"]:.2f} s, latents {best["latents"]:.2f} s, solver {best["solver"]:.2f} s)', flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
     write_report(out, dict(seeds=seeds, images=num_images, batch=batch, solver=solver, nfe=nfe, num_steps=num_steps,
-                           repeats=repeats), throughput, shares, load_before, load_after)
+                           repeats=repeats, threads=threads), throughput, shares, load_before, load_after)
     print(f'wrote {out}')
 
 
@@ -206,17 +212,23 @@ def write_report(path, run, throughput, shares, load_before, load_after):
         lines.append(f'| {dtype} | {one[0]:.1f} | {single[0]:.1f} | {two[0]:.1f} | {two[0] / one[0]:.2f}x | '
                      f'{one[2]:.1f} / {single[2]:.1f} / {two[2]:.1f} s |')
     lines += ['', '## Time outside the denoiser (batch {})'.format(run['batch']), '',
-              'One process, `sample.generate` called in process on the same seeds, timed as a whole; the time inside '
-              'the denoiser is summed between forward pre- and post-hooks (`time.perf_counter`). "PNG" is '
-              '`save_png` (encoding plus the atomic write with its fsync), "latents" the per-seed noise draws.', '',
-              '| dtype | loop | in denoiser | outside | PNG (of which fsync) | latents | rest |',
-              '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+              'One process with {} torch thread(s), `sample.generate` called in process on the same seeds (after '
+              'one warm-up call of the denoiser), timed as a whole; the time inside the denoiser is summed between '
+              'forward pre- and post-hooks (`time.perf_counter`). "PNG" is `save_png` (encoding plus the atomic '
+              'write with its fsync), "solver" the solver\'s own arithmetic (inside `solvers.sample`, outside the '
+              'denoiser), "latents" the per-seed noise draws, "uint8" the conversion of the images, "rest" the '
+              'remainder (hooks, bookkeeping). Shares are of the whole loop; the last column leaves PNG writing out '
+              'of both sides.'.format(run['threads']), '',
+              '| dtype | loop | in denoiser | outside | PNG (fsync) | solver | latents | uint8 | rest | outside, '
+              'without PNG |', '| --- |' + ' ---: |' * 9]
     for dtype, r in shares.items():
         outside = r['total'] - r['denoiser']
-        rest = outside - r['png'] - r['latents']
+        rest = outside - r['png'] - r['latents'] - r['solver'] - r['quantize']
         pct = lambda v: f"{100 * v / r['total']:.1f} %"
+        no_png = 100 * (outside - r['png']) / (r['total'] - r['png'])
         lines.append(f"| {dtype} | {r['total']:.2f} s | {r['denoiser']:.2f} s | **{pct(outside)}** | {pct(r['png'])} "
-                     f"({pct(r['fsync'])}) | {pct(r['latents'])} | {pct(rest)} |")
+                     f"({pct(r['fsync'])}) | {pct(r['solver'])} | {pct(r['latents'])} | {pct(r['quantize'])} | "
+                     f"{pct(rest)} | {no_png:.1f} % |")
     lines.append('')
     over = {d: r for d, r in shares.items() if 1 - r['denoiser'] / r['total'] > 0.05}
     if over:
@@ -224,12 +236,14 @@ def write_report(path, run, throughput, shares, load_before, load_after):
         for dtype, r in over.items():
             outside = r['total'] - r['denoiser']
             parts.append(f"{dtype}: {100 * outside / r['total']:.1f} % outside, of which PNG writing "
-                         f"{100 * r['png'] / outside:.0f} % (fsync alone {100 * r['fsync'] / outside:.0f} %) and "
-                         f"latent drawing {100 * r['latents'] / outside:.0f} %")
+                         f"{100 * r['png'] / outside:.0f} % (fsync alone {100 * r['fsync'] / outside:.0f} %), the "
+                         f"solver's arithmetic {100 * r['solver'] / outside:.0f} % and latent drawing "
+                         f"{100 * r['latents'] / outside:.0f} %")
         lines += ['The target of under 5 % outside the denoiser is missed for ' + '; '.join(parts) + '. The '
-                  'analytic denoiser is cheap (a few ms per batch), so fixed per-image costs weigh far more than '
-                  'with a neural network, whose calls take orders of magnitude longer while PNG writing stays '
-                  'the same.', '']
+                  'analytic denoiser is cheap (tens of ms per batch of 64), so the fixed per-image costs weigh far '
+                  'more than with a neural network, whose calls take orders of magnitude longer while the PNG '
+                  'writing stays the same. Most of it is the fsync that `atomic_write` issues for every image (it '
+                  'makes resumed runs safe); the PNG encoding itself is the smaller part.', '']
     else:
         lines += ['The time outside the denoiser is under 5 % for every dtype measured.', '']
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

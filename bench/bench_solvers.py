@@ -175,7 +175,7 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
         poly = min((results['polynomial', m, n][0], m) for m in names)
         lines.append(f'| {n} | {name} ({sched}) | {err:.2e} | {poly[1]} | {poly[0]:.2e} |')
     lines += ['', '## Wall time', '',
-              f'Milliseconds per image (median over the four schedules; batch {batch}, float64, {threads} CPU threads, '
+              f'Milliseconds per image (median over the four schedules; batch {batch}, float64, torch threads: {threads}, '
               f'load average {load} at the end). The denoiser dominates, so time grows with the NFE for every '
               'solver; on a shared machine single entries vary by tens of percent.', '',
               '| solver | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |', '| --- |' + ' ---: |' * len(NFES)]
@@ -187,7 +187,7 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
         rises = [(s, m, results[s, m, 10][0], results[s, m, 15][0]) for s, _, _ in SCHEDULES for m in ('dpmpp', 'unipc')
                  if results[s, m, 15][0] > results[s, m, 10][0]]
         if rises:
-            lines += ['**Lower-order final steps stop at 15 steps.** As in diffusers, `lower_order_final` lowers the '
+            lines += ['## Lower-order final steps stop at 15 steps', '', 'As in diffusers, `lower_order_final` lowers the '
                       'order of the last steps only for runs of fewer than 15 steps. At NFE 15 (15 steps) the final '
                       'step runs at full order; on schedules whose last step is long in log sigma it then costs more '
                       'than the extra evaluations gain: ' + '; '.join(f'{m} on {s} {a:.2e} at NFE 10 vs {b:.2e} at NFE 15'

@@ -1,7 +1,5 @@
-"""Seeds, per-seed generators, atomic file writes."""
-import os
+"""Seeds and per-seed generators."""
 import re
-import tempfile
 
 import torch
 
@@ -37,21 +35,3 @@ def randn_per_seed(generators, shape, dtype, device):
     a seed's noise is the same (up to the cast) whatever dtype is sampled in."""
     return torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float64)
                         for g in generators]).to(dtype)
-
-
-def atomic_write(path, write_fn, mode='wb'):
-    """Write a file under a temporary name in the same folder, then rename it into place: a reader (or a
-    resumed run) never sees a truncated file under its final name. write_fn(file_object) writes the content."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

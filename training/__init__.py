@@ -5,7 +5,7 @@ import re
 
 from safetensors.torch import load_file, save_file
 
-from torch_utils.misc import atomic_write
+from torch_utils.image_io import atomic_write
 from training.predictors import PREDICTORS, AMEDPredictor, EPDPredictor  # noqa: F401
 
 PREDICTOR_FILE = 'predictor.safetensors'
@@ -17,7 +17,7 @@ def save_predictor(predictor, folder):
     """Weights as safetensors and every setting as JSON, each written atomically."""
     os.makedirs(folder, exist_ok=True)
     meta = dict(predictor.settings, predictor=predictor.kind)
-    atomic_write(os.path.join(folder, SETTINGS_FILE), lambda f: f.write(json.dumps(meta, indent=2)), mode='w')
+    atomic_write(os.path.join(folder, SETTINGS_FILE), json.dumps(meta, indent=2).encode())
     tensors = {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
     tmp = os.path.join(folder, '.' + PREDICTOR_FILE + '.tmp')
     save_file(tensors, tmp)
