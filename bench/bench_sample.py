@@ -158,11 +158,11 @@ def main(out, seeds, batch, solver, nfe, dtypes, threads, repeats):
     try:
         throughput = {}
         for dtype in dtypes:
-            for workers, threads in LAUNCHES:
-                runs = [sample_cli(workers, seeds, batch, solver, num_steps, dtype, os.path.join(tmp, 'cli'), threads)
-                        for _ in range(repeats)]
-                throughput[dtype, workers, threads] = max(runs)
-                print(f'{dtype} {workers} worker(s), threads {threads or "default"}: '
+            for workers, omp_threads in LAUNCHES:
+                runs = [sample_cli(workers, seeds, batch, solver, num_steps, dtype, os.path.join(tmp, 'cli'),
+                                   omp_threads) for _ in range(repeats)]
+                throughput[dtype, workers, omp_threads] = max(runs) + ([r[0] for r in runs],)
+                print(f'{dtype} {workers} worker(s), threads {omp_threads or "default"}: '
                       + ', '.join(f'{r[0]:.1f}' for r in runs) + ' images/s '
                       f'(process wall {min(r[2] for r in runs):.1f} s)', flush=True)
         shares = {}
@@ -197,7 +197,7 @@ def write_report(path, run, throughput, shares, load_before, load_after):
              f"Setting: the default dataset (`{configs.DEFAULT_DATASET}`, the analytic 3x32x32 mixture), "
              f"`--sampler_stu={run['solver']} --num_steps={run['num_steps']}` (NFE {run['nfe']}), "
              f"`--seeds={run['seeds']}` ({run['images']} images), `--batch={run['batch']}`, CPU. Best of "
-             f"{run['repeats']} runs each.", '',
+             f"{run['repeats']} runs each (all runs in parentheses).", '',
              '## Images per second', '',
              'As printed by `sample.py` (the sampling loop: latents, solver, decode, PNG files; not the start of the '
              'processes or the loading of the model). 2 workers: `python -m torch.distributed.run --standalone '
@@ -209,8 +209,15 @@ def write_report(path, run, throughput, shares, load_before, load_after):
              'left to right |', '| --- | ---: | ---: | ---: | ---: | ---: |']
     for dtype in shares:
         one, single, two = (throughput[dtype, w, t] for w, t in LAUNCHES)
-        lines.append(f'| {dtype} | {one[0]:.1f} | {single[0]:.1f} | {two[0]:.1f} | {two[0] / one[0]:.2f}x | '
+        spread = lambda r: f'{r[0]:.1f} (' + ', '.join(f'{v:.0f}' for v in r[3]) + ')'
+        lines.append(f'| {dtype} | {spread(one)} | {spread(single)} | {spread(two)} | {two[0] / one[0]:.2f}x | '
                      f'{one[2]:.1f} / {single[2]:.1f} / {two[2]:.1f} s |')
+    first = next(iter(shares))
+    one, single, two = (throughput[first, w, t][0] for w, t in LAUNCHES)
+    lines += ['', f'{first}: two single-thread workers give {two / single:.2f}x the throughput of one single-thread '
+              f'process; a single process with torch\'s default threads reaches only {one / single:.2f}x of the '
+              'single-thread one' + (', as its threads wait for each other on cores taken by other processes.'
+                                     if one < single else '.')]
     lines += ['', '## Time outside the denoiser (batch {})'.format(run['batch']), '',
               'One process with {} torch thread(s), `sample.generate` called in process on the same seeds (after '
               'one warm-up call of the denoiser), timed as a whole; the time inside the denoiser is summed between '
