@@ -42,11 +42,11 @@ def image_path(outdir, seed, subdirs, ext='png'):
 def save_png(path, array):
     image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array, 'L' if array.shape[2] == 1
                                 else 'RGB')
-    atomic_write(path, lambda f: image.save(f, format='PNG'))
+    atomic_write(path, lambda f: image.save(f, format='PNG'), fsync=False)
 
 
 def save_npz(path, array):
-    atomic_write(path, lambda f: np.savez(f, x=array))
+    atomic_write(path, lambda f: np.savez(f, x=array), fsync=False)
 
 
 def write_grid(outdir, seeds, subdirs, max_images=64):

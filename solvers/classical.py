@@ -14,8 +14,6 @@ import torch
 from solvers.common import Trajectory, first_slope, slope
 from solvers.schedules import vp_fit, vp_tau
 
-LOWER_ORDER_FINAL_STEPS = 15   # as diffusers: lower the final steps' order only for short runs
-
 
 def _finish(net, x, sigmas, cond, denoise_to_zero, traj):
     if denoise_to_zero:
@@ -176,10 +174,12 @@ def deis(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_
 # -- exponential-integrator multistep methods (log-SNR lambda = -log sigma) ---------------------------------------
 
 def _multistep_order(i, num_steps, max_order, lower_order_final):
-    """Warm start at order i + 1; with lower_order_final on a short run (< 15 steps), the final steps drop to the
-    number of steps left (the last step is first order), which stabilises very few steps."""
+    """Warm start at order i + 1; with lower_order_final the final steps drop to the number of steps left (the
+    last step is first order), which stabilises few-step runs whose last step is long in log sigma. As in the
+    seeds, this applies whatever the number of steps (it caps the global order at 2: convergence studies turn
+    it off)."""
     order = min(max_order, i + 1)
-    if lower_order_final and num_steps < LOWER_ORDER_FINAL_STEPS:
+    if lower_order_final:
         order = min(order, num_steps - i)
     return order
 

@@ -20,12 +20,13 @@ class ImageSetError(Exception):
     """An image set cannot be read as asked; the message says what is wrong with which file."""
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, fsync=True):
     """Write a file so that readers see either the old file or the complete new one, never a partial one.
 
     `data` is bytes, or a callable that writes into the binary file object it is given. The content goes to a
     temporary file in the same directory, which then replaces `path` (os.replace is atomic on one filesystem).
-    Parent directories are created."""
+    Parent directories are created. fsync=False skips flushing to disk: still safe when the process is killed
+    (the kernel holds the complete file before the rename), not against a power cut; for bulk outputs."""
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -37,7 +38,8 @@ def atomic_write(path, data):
             else:
                 f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

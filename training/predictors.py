@@ -67,9 +67,14 @@ class EPDPredictor(LearnedPredictor):
         super().__init__(settings)
         steps, K = settings['num_steps'] - 1, settings['num_points']
         self.points = K
-        init = lambda: torch.nn.Parameter(torch.randn(steps, K, generator=generator, dtype=torch.float64) * 0.5)
-        self.r_params, self.scale_dir_params, self.scale_time_params, self.weight_params = (
-            init(), init(), init(), init())
+        # Start from a second-order method: points spread symmetrically around the midpoint in log sigma
+        # (r in about 0.38-0.62), equal weights, unit scales. With K = 1 this is exactly DPM-Solver-2. (The
+        # reference draws every entry from N(0, 1), which starts far from any consistent method.)
+        spread = torch.linspace(-0.5, 0.5, K, dtype=torch.float64) if K > 1 else torch.zeros(1, dtype=torch.float64)
+        self.r_params = torch.nn.Parameter(spread.repeat(steps, 1))
+        self.scale_dir_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
+        self.scale_time_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
+        self.weight_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
 
     def table(self, step, dtype=torch.float64):
         s = self.settings
