@@ -113,7 +113,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
     """Sample every seed not yet written; returns a summary dict (rank 0's view of all ranks)."""
     dtype = DTYPES[settings['dtype']]
     rank, world = dist.get_rank(), dist.get_world_size()
-    make_png = net.sample_shape[0] in (1, 3)
+    make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
     def done(seed):
         return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
                 and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
@@ -178,7 +178,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml)')
+@click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
 @click.option('--predictor_path', metavar='PATH|INT', default=None, help='Trained predictor: folder, file or experiment number')
 @click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
@@ -241,13 +241,15 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
         import training
         predictor = training.load_predictor(predictor_path)
         meta = predictor.settings
-        if dataset_name != meta['dataset_name'] and dataset_name != configs.DEFAULT_DATASET:
+        cfg = configs.load_config(dataset_name or meta['dataset_name'])
+        if cfg['dataset_name'] != meta['dataset_name']:
             raise UsageError(f"the predictor {predictor_path} was trained for dataset {meta['dataset_name']!r}, not "
-                             f"{dataset_name!r}; drop --dataset_name or use a predictor trained for it")
-        dataset_name = meta['dataset_name']
+                             f"{cfg['dataset_name']!r}; drop --dataset_name or use a predictor trained for it")
         guidance_type = guidance_type or meta.get('guidance_type')
         guidance_rate = guidance_rate or meta.get('guidance_rate')
-    cfg = configs.load_config(dataset_name)
+    else:
+        cfg = configs.load_config(dataset_name or configs.DEFAULT_DATASET)
+    dataset_name = cfg['dataset_name']
     overrides = dict(solver=solver, num_steps=num_steps, schedule_type=schedule_type, schedule_rho=schedule_rho,
                      sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
                      max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,

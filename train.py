@@ -133,11 +133,15 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                     guidance_type=guidance_type, guidance_rate=guidance_rate,
                     sample_shape=list(net.sample_shape), dtype=dtype)
     solvers.check_options('euler', num_steps, schedule_type, settings['sigma_min'], settings['sigma_max'])
+    prompts = None
+    if getattr(net, 'prompt_keys', None):
+        from models.prompts import load_prompt_source
+        prompts = load_prompt_source(prompt_file=prompt_path, dataset_name=cfg['dataset_name'])
     if kind == 'amed':
+        # The bottleneck's size, from one call on a real (drawn) input.
         with torch.no_grad():
-            probe = torch.zeros(1, *net.sample_shape, device=device)
-            _, feature = net(probe, torch.tensor([1.0], device=device), None if not net.label_dim else
-                             torch.zeros(1, net.label_dim, device=device), return_bottleneck=True)
+            probe, probe_cond = draw_batch(net, seed, 0, [0], torch.float32, device, prompts)
+            _, feature = net(probe, torch.ones(1, device=device), probe_cond, return_bottleneck=True)
         settings['feature_dim'] = int(feature.reshape(1, -1).shape[1])
     feature_net = None
     if loss == 'inception':
@@ -151,10 +155,6 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     nfe = 2 * (num_steps - 1) - int(afs)
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-afs' if afs else '') + (f'-{desc}' if desc else '')
-    prompts = None
-    if getattr(net, 'prompt_keys', None):
-        from models.prompts import load_prompt_source
-        prompts = load_prompt_source(prompt_file=prompt_path, dataset_name=cfg['dataset_name'])
     options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
                    seed=seed, world_size=world, model_path=model_path, prompt_path=prompt_path)
     if dry_run:

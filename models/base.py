@@ -17,6 +17,7 @@ class Denoiser(torch.nn.Module):
       label_dim             0 for unconditional models, else the number of classes
       sigma_table           increasing tensor of the model's discrete sigmas (discrete-time models), else None
       flow_shift            timestep shift of flow-matching models (for the ``flowmatch`` schedule), else None
+      image_channels        channels of decode()'s images if not sample_shape[0] (latent models: 3)
     """
     sigma_min = 0.002
     sigma_max = 80.0
@@ -24,6 +25,7 @@ class Denoiser(torch.nn.Module):
     label_dim = 0
     sigma_table = None
     flow_shift = None
+    image_channels = None    # channels of decode()'s images when they differ from sample_shape (latent models)
 
     def denoise(self, x, sigma, cond=None):
         raise NotImplementedError

@@ -91,6 +91,7 @@ def parse_dtype(dtype):
 class LatentDenoiser(Denoiser):
     """Shared machinery. Subclasses set `network` (the module whose one call per evaluation is counted),
     implement `_network_io` and `_denoised`, and (text models) `_encode_batch`."""
+    image_channels = 3
     family = None
     prompt_keys = ()           # per-prompt tensors returned by _encode_batch (text models)
     prompt_cache_size = 1024

@@ -11,13 +11,14 @@ from solvers.classical import IPNDM_COEFFS
 from solvers.common import Trajectory, afs_slope, repeat_cond, slope
 
 
-def _first(net, x, sigma, cond, afs, with_feature=False):
+def _first(net, x, sigma, cond, afs, with_feature=False, feature_dim=64):
     """Slope at a step's start (AFS or one denoiser call); with_feature also returns the bottleneck feature."""
     from models.base import pooled_feature
     if afs:
         d = afs_slope(x, sigma)
-        # No network call: the feature is that of the AFS denoised estimate (never zeros).
-        return (d, pooled_feature(x - sigma * d)) if with_feature else (d, None)
+        # No network call: the feature is the pooled AFS denoised estimate at the bottleneck's size (not zeros).
+        feature = pooled_feature(x - sigma * d, size=round(feature_dim ** 0.5)) if with_feature else None
+        return d, feature
     if with_feature:
         denoised, feature = net(x, sigma, cond, return_bottleneck=True)
         return (x - denoised) / sigma, feature
@@ -67,7 +68,7 @@ def epd(net, x, sigmas, cond=None, *, table, afs=False, fcn=False, return_trajec
 
 
 def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_trajectory=False, max_order=3,
-         denoise_to_zero=False, **_):
+         denoise_to_zero=False, feature_dim=64, **_):
     """AMED-Solver (base='amed') and the AMED plugins (base='euler', 'dpm', 'ipndm'): per step, a small network
     predicts from the bottleneck feature of the step's first call an intermediate time s (fraction r in log
     sigma), a direction scale c and a time scale a. 2 denoiser calls per step (1 at an AFS step)."""
@@ -76,7 +77,7 @@ def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_tr
     view = (-1,) + (1,) * (x.ndim - 1)
     for n in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[n], sigmas[n + 1]
-        d, feature = _first(net, x, t_cur, cond, afs and n == 0, with_feature=True)
+        d, feature = _first(net, x, t_cur, cond, afs and n == 0, with_feature=True, feature_dim=feature_dim)
         r, c, a = params(feature, t_cur, t_next)                              # each [B]
         s = t_next ** r * t_cur ** (1 - r)
         if base == 'ipndm':

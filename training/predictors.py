@@ -129,7 +129,7 @@ class AMEDPredictor(LearnedPredictor):
     def solve(self, net, x, sigmas, cond=None, return_trajectory=False):
         s = self.settings
         base = s['sampler_stu']
-        return amed(net, x, sigmas, cond, params=self.params, base=base, afs=s['afs'],
+        return amed(net, x, sigmas, cond, params=self.params, base=base, afs=s['afs'], feature_dim=s['feature_dim'],
                     max_order=s.get('max_order') or 3, return_trajectory=return_trajectory)
 
 

@@ -1,0 +1,71 @@
+"""sample.py and train.py end to end on tiny models of each family, written in their real file formats and
+loaded through a dataset config of the user's own (--dataset_name=path/to/config.yaml)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from models import edm
+from tests.conftest import run_cli
+from tests.test_models_latent import build_tiny_dit, build_tiny_sd
+from tests.test_models_pixel import ADM_ARCH, CLASSIFIER_ARCH, _adm_classifier, _adm_unet, _edm_net
+
+
+def write_config(folder, model, **sample):
+    path = folder / 'model.yaml'
+    path.write_text(yaml.safe_dump(dict(dataset_name='tiny', model=model, sample=sample)))
+    return str(path)
+
+
+def build(kind, folder):
+    if kind in ('edm-uncond', 'edm-cond'):
+        path = folder / 'net.pkl'
+        edm.save_persistence_pickle(str(path), _edm_net('vp-ddpmpp' if kind == 'edm-uncond' else 'edm-ddpmpp-cond'))
+        return write_config(folder, dict(family='edm', model_path=str(path), sigma_min=0.002, sigma_max=80.0))
+    if kind == 'adm-cg':
+        torch.save(_adm_unet().state_dict(), folder / 'unet.pt')
+        torch.save(_adm_classifier().state_dict(), folder / 'classifier.pt')
+        return write_config(folder, dict(family='adm', model_path=str(folder / 'unet.pt'),
+                                         classifier_path=str(folder / 'classifier.pt'), guidance_type='cg',
+                                         guidance_rate=2.0, **ADM_ARCH, **CLASSIFIER_ARCH))
+    if kind == 'sd':
+        build_tiny_sd(str(folder / 'sd'))
+        return write_config(folder, dict(family='sd', model_path=str(folder / 'sd'), guidance_type='cfg',
+                                         guidance_rate=3.0), schedule_type='discrete', schedule_rho=1.0)
+    if kind == 'dit':
+        build_tiny_dit(str(folder / 'dit'))
+        return write_config(folder, dict(family='dit', model_path=str(folder / 'dit'), guidance_type='cfg',
+                                         guidance_rate=2.0))
+    raise ValueError(kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['edm-uncond', 'edm-cond', 'adm-cg', 'sd', 'dit'])
+def test_sample_and_train_on_tiny_model(tmp_path, kind):
+    config = build(kind, tmp_path)
+    prompt = ['--prompt=a red square'] if kind == 'sd' else []
+    result = run_cli(['sample.py', f'--dataset_name={config}', '--sampler_stu=dpmpp', '--num_steps=4',
+                      '--seeds=0-2', '--batch=2', f'--outdir={tmp_path / "samples"}', *prompt])
+    assert 'NFE per image: 3' in result.stdout
+    assert (tmp_path / 'samples' / '000000' / '000002.png').is_file()
+    if kind == 'sd':
+        (tmp_path / 'prompts.txt').write_text('a red square\na blue circle\n')
+        prompt = [f'--prompt_path={tmp_path / "prompts.txt"}']
+    for student in ('epd', 'amed'):
+        run_cli(['train.py', f'--dataset_name={config}', f'--sampler_stu={student}', '--sampler_tea=euler',
+                 '--num_steps=3', '--M=1', '--batch=2', '--total_kimg=0.004', '--loss=l2',
+                 f'--outdir={tmp_path / "exps"}', *prompt])
+    folders = sorted((tmp_path / 'exps').glob('0000*'))
+    assert [json.loads((f / 'predictor.json').read_text())['sampler_stu'] for f in folders] == ['epd', 'amed']
+    result = run_cli(['sample.py', f'--dataset_name={config}', f'--predictor_path={folders[1]}', '--seeds=0-1',
+                      '--batch=2', f'--outdir={tmp_path / "learned"}', *(['--prompt=a cat'] if kind == 'sd' else [])])
+    assert (tmp_path / 'learned' / '000000' / '000001.png').is_file()
+
+
+def test_missing_model_file_names_url_and_place(tmp_path):
+    config = write_config(tmp_path, dict(family='edm', model_path='http://127.0.0.1:9/edm-cifar10-32x32-uncond-vp.pkl',
+                                         cache_dir=str(tmp_path / 'cache')))
+    result = run_cli(['sample.py', f'--dataset_name={config}', f'--outdir={tmp_path / "o"}'], check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and 'cannot download http://127.0.0.1:9/' in last and 'place it at' in last
