@@ -20,7 +20,7 @@ from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
 
-STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm')   # ipndm: EPD-Plugin; euler/dpm: AMED-Plugin
+STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin
 STATE_FILE = 'training-state.pt'
 
 
@@ -35,7 +35,7 @@ def predictor_kind(sampler_stu, plugin):
         return 'amed'
     if sampler_stu == 'ipndm':
         return 'amed' if plugin == 'amed' else 'epd'
-    return 'amed'        # euler, dpm: AMED-Plugin
+    return 'amed'        # euler, dpm, dpmpp: AMED-Plugin
 
 
 def next_run_dir(outdir, name):
@@ -59,7 +59,7 @@ class Logger:
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml or a YAML path)')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
-@click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default='epd', help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm (AMED-Plugin)')
+@click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default='epd', help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm/dpmpp (AMED-Plugin)')
 @click.option('--plugin', metavar='epd|amed', type=click.Choice(['epd', 'amed']), default='epd', help='For --sampler_stu=ipndm: which predictor plugs in')
 @click.option('--sampler_tea', metavar='NAME', type=click.Choice(TEACHERS), default=None, help='Teacher solver [default: the config\'s, else dpm]')
 @click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=4, help='Student time points')

@@ -184,46 +184,53 @@ def _multistep_order(i, num_steps, max_order, lower_order_final):
     return order
 
 
+def dpmpp_increment(x, t, outputs, times, order, predict_x0=True):
+    """One multistep DPM-Solver++ update from times[0] to t, split as x_t = base + increment, where the
+    increment is the part that depends on the model outputs (newest first; data or noise predictions)."""
+    s0, m0 = times[0], outputs[0]
+    h = torch.log(s0 / t)
+    if predict_x0:
+        phi1 = torch.expm1(-h)                    # e^{-h} - 1
+        base, inc = (t / s0) * x, -phi1 * m0
+    else:
+        phi1 = torch.expm1(h)
+        base, inc = x, -t * phi1 * m0
+    if order >= 2:
+        r0 = torch.log(times[1] / s0) / h
+        d1_0 = (m0 - outputs[1]) / r0
+        if order == 2:
+            inc = inc - 0.5 * phi1 * d1_0 if predict_x0 else inc - 0.5 * t * phi1 * d1_0
+        else:
+            r1 = torch.log(times[2] / times[1]) / h
+            d1_1 = (outputs[1] - outputs[2]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            if predict_x0:
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                inc = inc + phi2 * d1 - 2 * phi3 * d2
+            else:
+                phi2 = phi1 / h - 1
+                phi3 = phi2 / h - 0.5
+                inc = inc - t * phi2 * d1 - 2 * t * phi3 * d2
+    return base, inc
+
+
 def dpmpp(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=3,
           predict_x0=True, lower_order_final=True, **_):
     """Multistep DPM-Solver++ (data prediction, predict_x0=True) or DPM-Solver (noise prediction), orders 1-3.
-    No thresholding. 1 NFE per step."""
+    No thresholding. The second divided difference is weighted by 2 phi3, which makes the 3M update third order
+    (the widely copied update uses phi3 and is second order; see docs/solvers.md). 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
     num_steps = len(sigmas) - 1
     outputs, times = [], []                       # newest first
     for i in range(num_steps):
-        s0, t = sigmas[i], sigmas[i + 1]
-        d, denoised = first_slope(net, x, s0, cond, afs and i == 0)
+        d, denoised = first_slope(net, x, sigmas[i], cond, afs and i == 0)
         outputs = [denoised if predict_x0 else d] + outputs[:2]
-        times = [s0] + times[:2]
+        times = [sigmas[i]] + times[:2]
         order = min(_multistep_order(i, num_steps, max_order, lower_order_final), len(outputs))
-        h = torch.log(s0 / t)
-        m0 = outputs[0]
-        if predict_x0:
-            phi1 = torch.expm1(-h)                # e^{-h} - 1
-            x_new = (t / s0) * x - phi1 * m0
-        else:
-            phi1 = torch.expm1(h)
-            x_new = x - t * phi1 * m0
-        if order >= 2:
-            r0 = torch.log(times[1] / s0) / h
-            d1_0 = (m0 - outputs[1]) / r0
-            if order == 2:
-                x_new = x_new - 0.5 * phi1 * d1_0 if predict_x0 else x_new - 0.5 * t * phi1 * d1_0
-            else:
-                r1 = torch.log(times[2] / times[1]) / h
-                d1_1 = (outputs[1] - outputs[2]) / r1
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                if predict_x0:
-                    phi2 = phi1 / h + 1
-                    phi3 = phi2 / h - 0.5
-                    x_new = x_new + phi2 * d1 - 2 * phi3 * d2
-                else:
-                    phi2 = phi1 / h - 1
-                    phi3 = phi2 / h - 0.5
-                    x_new = x_new - t * phi2 * d1 - 2 * t * phi3 * d2
-        x = x_new
+        base, inc = dpmpp_increment(x, sigmas[i + 1], outputs, times, order, predict_x0)
+        x = base + inc
         traj.add(x)
     return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
 

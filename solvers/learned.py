@@ -7,7 +7,7 @@ and the predictor's parameters. The learned parameters arrive as callables:
 """
 import torch
 
-from solvers.classical import IPNDM_COEFFS
+from solvers.classical import IPNDM_COEFFS, _multistep_order, dpmpp_increment
 from solvers.common import Trajectory, afs_slope, repeat_cond, slope
 
 
@@ -68,12 +68,16 @@ def epd(net, x, sigmas, cond=None, *, table, afs=False, fcn=False, return_trajec
 
 
 def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_trajectory=False, max_order=3,
-         denoise_to_zero=False, feature_dim=64, **_):
-    """AMED-Solver (base='amed') and the AMED plugins (base='euler', 'dpm', 'ipndm'): per step, a small network
-    predicts from the bottleneck feature of the step's first call an intermediate time s (fraction r in log
-    sigma), a direction scale c and a time scale a. 2 denoiser calls per step (1 at an AFS step)."""
+         denoise_to_zero=False, feature_dim=64, predict_x0=True, lower_order_final=True, **_):
+    """AMED-Solver (base='amed') and the AMED plugins (base='euler', 'dpm', 'ipndm', 'dpmpp'): per step, a small
+    network predicts from the bottleneck feature of the step's first call an intermediate time s (fraction r in
+    log sigma), a direction scale c and a time scale a. 2 denoiser calls per step (1 at an AFS step).
+    The DPM-Solver++ plugin runs the multistep method on the interleaved grid t_0, s_0, t_1, s_1, ... with c
+    scaling the model-dependent part of the update into t_{n+1}."""
     traj = Trajectory(return_trajectory, x)
     history = []
+    outputs, times = [], []                        # DPM-Solver++ plugin buffers, newest first
+    total = 2 * (len(sigmas) - 1)                  # steps of the interleaved grid
     view = (-1,) + (1,) * (x.ndim - 1)
     for n in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[n], sigmas[n + 1]
@@ -83,10 +87,23 @@ def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_tr
         if base == 'ipndm':
             y = x + (s - t_cur).reshape(view) * _ab_direction(d, history[:max_order - 1])
             history = ([d.detach()] + history)[:max(max_order - 1, 0)]
+        elif base == 'dpmpp':
+            outputs = [(x - t_cur * d) if predict_x0 else d] + outputs[:2]
+            times = [t_cur] + times[:2]
+            order = min(_multistep_order(2 * n, total, max_order, lower_order_final), len(outputs))
+            y_base, y_inc = dpmpp_increment(x, s.reshape(view), outputs, times, order, predict_x0)
+            y = y_base + y_inc
         else:
             y = x + (s - t_cur).reshape(view) * d
-        g = (y - net(y, a * s, cond)) / s.reshape(view)
-        if base == 'amed':
+        denoised = net(y, a * s, cond)
+        g = (y - denoised) / s.reshape(view)
+        if base == 'dpmpp':
+            outputs = [denoised if predict_x0 else g] + outputs[:2]
+            times = [s.reshape(view)] + times[:2]
+            order = min(_multistep_order(2 * n + 1, total, max_order, lower_order_final), len(outputs))
+            x_base, x_inc = dpmpp_increment(y, t_next, outputs, times, order, predict_x0)
+            x = x_base + c.reshape(view) * x_inc
+        elif base == 'amed':
             x = x + (c * (t_next - t_cur)).reshape(view) * g
         elif base == 'euler':
             x = y + (c * (t_next - s)).reshape(view) * g
@@ -97,7 +114,7 @@ def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_tr
             x = y + (c * (t_next - s)).reshape(view) * _ab_direction(g, history[:max_order - 1])
             history = ([g.detach()] + history)[:max(max_order - 1, 0)]
         else:
-            raise ValueError(f"unknown AMED base solver {base!r}; allowed: amed, euler, dpm, ipndm")
+            raise ValueError(f"unknown AMED base solver {base!r}; allowed: amed, euler, dpm, ipndm, dpmpp")
         traj.add(x)
     if denoise_to_zero:
         x = net(x, sigmas[-1], cond)

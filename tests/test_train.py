@@ -38,7 +38,7 @@ def test_epd_counted_calls(gmm_image, afs, K, student):
     assert counter.nfe(3) == 3 * (1 + K) - afs == pred.evaluations()    # every parallel point counts
 
 
-@pytest.mark.parametrize('base', ['amed', 'euler', 'dpm', 'ipndm'])
+@pytest.mark.parametrize('base', ['amed', 'euler', 'dpm', 'ipndm', 'dpmpp'])
 def test_amed_counted_calls_and_feature(gmm_image, base):
     pred = AMEDPredictor(epd_settings(sampler_stu=base, afs=True, feature_dim=64))
     with solvers.count_calls(gmm_image) as counter:
@@ -111,7 +111,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('student,extra', [('epd', []), ('ipndm', ['--max_order=3']), ('amed', []),
-                                           ('euler', []), ('dpm', []), ('ipndm', ['--plugin=amed'])])
+                                           ('euler', []), ('dpm', []), ('dpmpp', []), ('ipndm', ['--plugin=amed'])])
 def test_train_then_sample(tmp_path, student, extra):
     exps = tmp_path / 'exps'
     args = train_args(exps, *extra)
@@ -152,3 +152,17 @@ def test_predictor_files_hold_no_code(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['predictor.json', 'predictor.safetensors']
     loaded = training.load_predictor(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(pred.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_amed_dpmpp_plugin_without_learning_is_dpmpp_on_the_interleaved_grid(gmm_image):
+    # r = 1/2, c = a = 1 for every step: the plugin is plain DPM-Solver++ on the grid with the geometric midpoints.
+    z = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sigmas = solvers.get_schedule(4, 0.002, 80.0)
+    half = lambda feature, t_cur, t_next: tuple(torch.full((feature.shape[0],), v, dtype=torch.float64)
+                                                for v in (0.5, 1.0, 1.0))
+    from solvers.learned import amed
+    out = amed(gmm_image, z * 80, sigmas, params=half, base='dpmpp', max_order=3)
+    fine = torch.stack([sigmas[:-1], (sigmas[:-1] * sigmas[1:]).sqrt()], 1).reshape(-1)
+    fine = torch.cat([fine, sigmas[-1:]])
+    ref = solvers.SOLVERS['dpmpp'].fn(gmm_image, z * 80, fine, max_order=3)
+    assert torch.allclose(out, ref, atol=1e-10)

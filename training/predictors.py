@@ -130,7 +130,8 @@ class AMEDPredictor(LearnedPredictor):
         s = self.settings
         base = s['sampler_stu']
         return amed(net, x, sigmas, cond, params=self.params, base=base, afs=s['afs'], feature_dim=s['feature_dim'],
-                    max_order=s.get('max_order') or 3, return_trajectory=return_trajectory)
+                    max_order=s.get('max_order') or 3, predict_x0=s.get('predict_x0', True),
+                    lower_order_final=s.get('lower_order_final', True), return_trajectory=return_trajectory)
 
 
 PREDICTORS = {'epd': EPDPredictor, 'amed': AMEDPredictor}
