@@ -20,7 +20,7 @@ import torch
 from models.inception import DETECTOR_FILE, DETECTOR_URL, PYTORCH_FID_FILE, DetectorError, load_inception
 from models.inception import missing_detector_message
 from torch_utils import distributed as dist
-from torch_utils.image_io import ImageSet, ImageSetError, atomic_write, seed_from_name
+from torch_utils.image_io import ImageSet, ImageSetError, atomic_write, seed_from_name, to_uint8
 
 STATS_VERSION = 1     # bump when the features or their statistics change, to invalidate cached statistics
 
@@ -245,11 +245,6 @@ def pixel_reference_stats(net, quantized=True):
     if quantized:
         sigma[np.diag_indices_from(sigma)] += QUANTIZATION_VARIANCE
     return mu, sigma
-
-
-def to_uint8(images):
-    """[-1, 1] float images -> uint8, as sample.py writes PNGs (x * 127.5 + 128, clipped, truncated)."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 def pixel_fd(samples, ref_mu, ref_sigma, quantize=True):

@@ -19,7 +19,7 @@ import configs
 import models
 import solvers
 from torch_utils import distributed as dist
-from torch_utils.image_io import atomic_write
+from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
 
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -27,11 +27,6 @@ DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.f
 
 class UsageError(Exception):
     """Bad input: printed as one line, non-zero exit."""
-
-
-def to_uint8(images):
-    """[-1, 1] floats -> uint8 NHWC, rounding to nearest (x * 127.5 + 127.5)."""
-    return (images.to(torch.float64) * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def image_path(outdir, seed, subdirs, ext='png'):
@@ -159,7 +154,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                 counted_images += len(part)
                 counted_batches += 1
                 if make_png:
-                    arrays = to_uint8(images).cpu().numpy()
+                    arrays = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
                     for seed, array in zip(part, arrays):
                         save_png(image_path(outdir, seed, subdirs), array)
                 if save_npz_too or not make_png:

@@ -18,7 +18,6 @@ class SolverInfo:
     evals_per_step: int          # denoiser evaluations per step
     orders: tuple = (None,)      # allowed max_order values (None: the option does not apply)
     default_order: int = None
-    first_eval_separate: bool = False   # evaluates once before the loop (UniPC), the last step needs none
 
 
 SOLVERS = {
@@ -26,7 +25,7 @@ SOLVERS = {
     'heun': SolverInfo(classical.heun, 2),
     'dpm': SolverInfo(classical.dpm, 2),
     'dpmpp': SolverInfo(classical.dpmpp, 1, (1, 2, 3), 3),
-    'unipc': SolverInfo(classical.unipc, 1, (1, 2, 3), 3, first_eval_separate=True),
+    'unipc': SolverInfo(classical.unipc, 1, (1, 2, 3), 3),
     'deis': SolverInfo(classical.deis, 1, (1, 2, 3, 4), 4),
     'ipndm': SolverInfo(classical.ipndm, 1, (1, 2, 3, 4), 4),
     'ipndm_v': SolverInfo(classical.ipndm_v, 1, (1, 2, 3, 4), 4),

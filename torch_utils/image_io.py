@@ -50,6 +50,12 @@ def atomic_write(path, data, fsync=True):
         raise
 
 
+def to_uint8(images):
+    """[-1, 1] float images [N, C, H, W] -> uint8, as EDM writes PNGs: floor(x * 127.5 + 128), clipped."""
+    import torch
+    return (images.to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def seed_from_name(name):
     """The integer in an image's file name (EDM/sample.py write seed s as .../{s:06d}.png), or None."""
     digits = re.findall(r'\d+', os.path.splitext(os.path.basename(name))[0])
