@@ -24,8 +24,28 @@ STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plug
 STATE_FILE = 'training-state.pt'
 
 
+# Options a dataset config's `train:` section may set; the command line overrides both.
+TRAIN_DEFAULTS = dict(sampler_stu='epd', sampler_tea='dpm', num_steps=4, M=3, num_points=2, afs=True, scale_dir=0.05,
+                      scale_time=0.05, fcn=False, loss='inception', alpha=10.0, schedule_type='polynomial',
+                      schedule_rho=7.0, predict_x0=True, lower_order_final=True, prompt_path=None, batch=64,
+                      total_kimg=10.0, lr=0.01, coslr=False, dtype='float32')
+
+
 class UsageError(Exception):
     pass
+
+
+def resolve_options(cfg, given):
+    """Training options: the built-in defaults, then the dataset config's `train:` section, then the command line
+    (options given as None were not given). The training dtype falls back to the config's sampling dtype."""
+    unknown = sorted(set(cfg['train']) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)} in the train section of the {cfg['dataset_name']} "
+                         f"config; allowed: {', '.join(TRAIN_DEFAULTS)}")
+    opts = dict(TRAIN_DEFAULTS, dtype=cfg['sample'].get('dtype', TRAIN_DEFAULTS['dtype']))
+    opts.update(cfg['train'])
+    opts.update({k: v for k, v in given.items() if v is not None})
+    return opts
 
 
 def predictor_kind(sampler_stu, plugin):
@@ -59,40 +79,40 @@ class Logger:
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml or a YAML path)')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
-@click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default='epd', help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm/dpmpp (AMED-Plugin)')
+@click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default=None, help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm/dpmpp (AMED-Plugin) [default: epd]')
 @click.option('--plugin', metavar='epd|amed', type=click.Choice(['epd', 'amed']), default='epd', help='For --sampler_stu=ipndm: which predictor plugs in')
-@click.option('--sampler_tea', metavar='NAME', type=click.Choice(TEACHERS), default=None, help='Teacher solver [default: the config\'s, else dpm]')
-@click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=4, help='Student time points')
-@click.option('--M', 'M', metavar='INT', type=click.IntRange(min=0), default=3, help='Teacher points inserted per student step')
-@click.option('--num_points', metavar='INT', type=click.IntRange(min=1), default=2, help='EPD parallel points per step (K)')
-@click.option('--afs', metavar='BOOL', type=bool, default=True, help='Analytical first step')
-@click.option('--scale_dir', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05, help='Direction scale range [1-s, 1+s]')
-@click.option('--scale_time', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05, help='Time scale range [1-s, 1+s]')
-@click.option('--fcn', metavar='BOOL', type=bool, default=False, help='EPD: no direction scale on the final step')
-@click.option('--loss', metavar='l2|inception', type=click.Choice(['l2', 'inception']), default=None, help='Objective [default: the config\'s, else inception]')
-@click.option('--alpha', metavar='FLOAT', type=float, default=10.0, help='Weight of the Inception-feature loss')
+@click.option('--sampler_tea', metavar='NAME', type=click.Choice(TEACHERS), default=None, help='Teacher solver [default: dpm]')
+@click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Student time points [default: 4]')
+@click.option('--M', 'M', metavar='INT', type=click.IntRange(min=0), default=None, help='Teacher points inserted per student step [default: 3]')
+@click.option('--num_points', metavar='INT', type=click.IntRange(min=1), default=None, help='EPD parallel points per step (K) [default: 2]')
+@click.option('--afs', metavar='BOOL', type=bool, default=None, help='Analytical first step [default: True]')
+@click.option('--scale_dir', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=None, help='Direction scale range [1-s, 1+s] [default: 0.05]')
+@click.option('--scale_time', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=None, help='Time scale range [1-s, 1+s] [default: 0.05]')
+@click.option('--fcn', metavar='BOOL', type=bool, default=None, help='EPD: no direction scale on the final step [default: False]')
+@click.option('--loss', metavar='l2|inception|rmse', type=click.Choice(['l2', 'inception', 'rmse']), default=None, help='Objective: per-step L2, final Inception features, final RMSE [default: inception]')
+@click.option('--alpha', metavar='FLOAT', type=float, default=None, help='Weight of the Inception-feature loss [default: 10]')
 @click.option('--inception_path', metavar='PATH', default=None, help='Inception-v3 detector for --loss=inception')
-@click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default='polynomial', help='Time schedule')
-@click.option('--schedule_rho', metavar='FLOAT', type=float, default=7.0, help='Schedule exponent')
+@click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule [default: polynomial]')
+@click.option('--schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent [default: 7]')
 @click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='[default: the model\'s]')
 @click.option('--sigma_max', metavar='FLOAT', type=float, default=None, help='[default: the model\'s]')
 @click.option('--max_order', metavar='INT', type=int, default=None, help='Multistep order (iPNDM plugins, multistep teachers)')
-@click.option('--predict_x0', metavar='BOOL', type=bool, default=True, help='DPM-Solver++ teacher: data prediction')
-@click.option('--lower_order_final', metavar='BOOL', type=bool, default=True, help='DPM-Solver++ teacher option')
+@click.option('--predict_x0', metavar='BOOL', type=bool, default=None, help='DPM-Solver++ teacher: data prediction [default: True]')
+@click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='DPM-Solver++ teacher option [default: True]')
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
 @click.option('--guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
 @click.option('--prompt_path', metavar='PATH', default=None, help='Prompts for text-to-image models (lines or CSV)')
-@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Total batch size')
+@click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=None, help='Total batch size [default: 64]')
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap (gradient accumulation)')
-@click.option('--total_kimg', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10, help='Training length in thousands of samples')
-@click.option('--lr', metavar='FLOAT', type=float, default=None, help='Adam learning rate [default: the config\'s, else 0.01]')
-@click.option('--coslr', metavar='BOOL', type=bool, default=False, help='Cosine learning-rate schedule')
+@click.option('--total_kimg', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Training length in thousands of samples [default: 10]')
+@click.option('--lr', metavar='FLOAT', type=float, default=None, help='Adam learning rate [default: 0.01]')
+@click.option('--coslr', metavar='BOOL', type=bool, default=None, help='Cosine learning-rate schedule [default: False]')
 @click.option('--seed', metavar='INT', type=int, default=0, help='Random seed')
 @click.option('--snap', metavar='INT', type=click.IntRange(min=1), default=10, help='Save the training state every N iterations')
 @click.option('--outdir', metavar='DIR', default='exps', help='Where experiment folders go')
 @click.option('--desc', metavar='STR', default=None, help='Extra text for the folder name')
 @click.option('--resume', metavar='DIR|INT', default=None, help='Continue an experiment from its last saved state')
-@click.option('--dtype', metavar='NAME', type=click.Choice(['float32', 'float64']), default=None, help='Training dtype [default: the config\'s, else float32]')
+@click.option('--dtype', metavar='NAME', type=click.Choice(['float32', 'float64']), default=None, help='Training dtype [default: float32]')
 @click.option('--device', metavar='DEV', default=None, help='[default: cuda if available]')
 @click.option('-n', '--dry-run', 'dry_run', is_flag=True, help='Print the options and exit')
 def main(**kwargs):
@@ -114,11 +134,13 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = configs.load_config(dataset_name)
-    tcfg = cfg['train']
-    sampler_tea = sampler_tea or tcfg.get('sampler_tea', 'dpm')
-    loss = loss or tcfg.get('loss', 'inception')
-    lr = lr if lr is not None else tcfg.get('lr', 0.01)
-    dtype = dtype or cfg['sample'].get('dtype', 'float32')
+    opts = resolve_options(cfg, {k: v for k, v in locals().items() if k in TRAIN_DEFAULTS})
+    sampler_stu, sampler_tea, num_steps, M, num_points, afs = (opts[k] for k in (
+        'sampler_stu', 'sampler_tea', 'num_steps', 'M', 'num_points', 'afs'))
+    scale_dir, scale_time, fcn, loss, alpha, schedule_type, schedule_rho = (opts[k] for k in (
+        'scale_dir', 'scale_time', 'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho'))
+    predict_x0, lower_order_final, prompt_path, batch, total_kimg, lr, coslr, dtype = (opts[k] for k in (
+        'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype'))
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     from sample import load_model

@@ -26,51 +26,54 @@ class GaussianMixture(Denoiser):
         self.register_buffer('iso_vars', torch.as_tensor(iso_vars, dtype=torch.float64))  # [K] > 0
         weights = torch.as_tensor(weights, dtype=torch.float64)
         self.register_buffer('log_weights', torch.log(weights / weights.sum()))      # [K]
+        # The bases side by side, [d, K r] and [K r, d], and the means' projections: one matrix product per call.
+        r = self.bases.shape[2]
+        self.register_buffer('bases_cols', self.bases.permute(1, 0, 2).reshape(d, K * r).contiguous())
+        self.register_buffer('bases_rows', self.bases.permute(0, 2, 1).reshape(K * r, d).contiguous())
+        self.register_buffer('means_proj', torch.einsum('kd,kdr->kr', means, self.bases))     # [K, r]
         self.sample_shape = tuple(sample_shape)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.name = name
 
     # -- exact denoiser ------------------------------------------------------------------------------------
-    def _component_terms(self, x, sigma):
-        """Per-component log N(x; mu_k, Sigma_k + sigma^2 I) and the posterior means. x: [B, d], sigma: [B].
-
-        The log-likelihoods are large (~d) and nearly equal across components at high sigma, so they are formed
-        in float64 whatever x's dtype (the responsibilities would lose ~1e-3 in float32); the posterior means
-        are formed in x's dtype from the same projections.
-        """
-        dt = x.dtype
-        mu, U = self.means, self.bases
-        lam, s2 = self.eigvals, self.iso_vars
-        var = sigma.to(torch.float64)[:, None, None] ** 2                      # [B, 1, 1]
-        v = x.to(torch.float64)[:, None, :] - mu[None]                         # [B, K, d]
-        proj = torch.einsum('bkd,kdr->bkr', v, U)                              # [B, K, r]
-        iso_tot = s2[None, :, None] + var                                      # [B, K, 1]
-        sub_tot = lam[None] + iso_tot                                          # [B, K, r]
-        # Mahalanobis distance and log-determinant through the rank-r factors.
-        maha = (v * v).sum(-1) / iso_tot[..., 0] + (proj ** 2 * (1 / sub_tot - 1 / iso_tot)).sum(-1)
-        d, r = x.shape[1], U.shape[2]
-        logdet = torch.log(sub_tot).sum(-1) + (d - r) * torch.log(iso_tot[..., 0])
-        loglik = -0.5 * (maha + logdet + d * math.log(2 * math.pi))           # [B, K]
-        # Posterior mean: mu + Sigma (Sigma + sigma^2)^-1 v, i.e. shrink v along U and the orthogonal complement.
-        iso_gain = (s2[None, :, None] / iso_tot).to(dt)                        # [B, K, 1]
-        sub_gain = ((lam[None] + s2[None, :, None]) / sub_tot).to(dt) - iso_gain
-        post = mu.to(dt)[None] + iso_gain * v.to(dt) + torch.einsum('bkr,kdr->bkd', sub_gain * proj.to(dt), U.to(dt))
-        return loglik, post
+    def _loglik(self, x, sigma):
+        """Per-component log N(x; mu_k, Sigma_k + sigma^2 I) [B, K] and the projections U_k^T (x - mu_k) [B, K, r].
+        x: [B, d], sigma: [B]. Formed in float64 whatever x's dtype: the log-likelihoods are large (~d) and nearly
+        equal across components at high sigma (the responsibilities would lose ~1e-3 in float32). Never forms the
+        [B, K, d] differences x - mu_k: |x - mu_k|^2 and the projections come from [B, d] x [d, K(r+1)] products."""
+        K, d, r = self.bases.shape
+        x64 = x.to(torch.float64)
+        var = sigma.to(torch.float64)[:, None] ** 2                                  # [B, 1]
+        proj = (x64 @ self.bases_cols).reshape(-1, K, r) - self.means_proj          # [B, K, r]
+        dist2 = (x64 * x64).sum(1, keepdim=True) - 2 * x64 @ self.means.T + (self.means ** 2).sum(1)   # [B, K]
+        iso_tot = self.iso_vars + var                                                 # [B, K]
+        sub_tot = self.eigvals + iso_tot[..., None]                                   # [B, K, r]
+        maha = dist2 / iso_tot + (proj ** 2 * (1 / sub_tot - 1 / iso_tot[..., None])).sum(-1)
+        logdet = torch.log(sub_tot).sum(-1) + (d - r) * torch.log(iso_tot)
+        return -0.5 * (maha + logdet + d * math.log(2 * math.pi)), proj, iso_tot, sub_tot
 
     def denoise(self, x, sigma, cond=None):
-        shape = x.shape
+        """sum_k p(k | x) [mu_k + g_k (x - mu_k) + U_k G_k U_k^T (x - mu_k)], with g_k = s2_k / (s2_k + sigma^2)
+        on the isotropic part and G_k the extra gain along U_k; summed over k before touching d-sized vectors."""
+        shape, dt = x.shape, x.dtype
         flat = x.reshape(shape[0], -1)
-        loglik, post = self._component_terms(flat, sigma)
-        resp = torch.softmax(loglik + self.log_weights, dim=1).to(x.dtype)        # [B, K]
-        denoised = torch.einsum('bk,bkd->bd', resp, post).reshape(shape)
+        loglik, proj, iso_tot, sub_tot = self._loglik(flat, sigma)
+        resp = torch.softmax(loglik + self.log_weights, dim=1)                       # [B, K] float64
+        iso_gain = self.iso_vars / iso_tot                                            # [B, K]
+        sub_gain = (self.eigvals + self.iso_vars[:, None]) / sub_tot - iso_gain[..., None]   # [B, K, r]
+        K, d, r = self.bases.shape
+        coef = (resp[..., None] * sub_gain * proj).to(dt).reshape(-1, K * r)
+        denoised = ((resp * iso_gain).sum(1, keepdim=True).to(dt) * flat + (resp * (1 - iso_gain)).to(dt)
+                    @ self.means.to(dt) + coef @ self.bases_rows.to(dt))
+        denoised = denoised.reshape(shape)
         return denoised, pooled_feature(denoised) if len(shape) == 4 else denoised.reshape(shape[0], -1)
 
     # -- exact data statistics and sampling ----------------------------------------------------------------
     def log_density(self, x, sigma=0.0):
         """log p_sigma(x) of the (noised) data distribution, for x of shape [B, *sample_shape]."""
         flat = x.reshape(x.shape[0], -1)
-        loglik, _ = self._component_terms(flat, torch.full((x.shape[0],), float(sigma), dtype=x.dtype,
-                                                           device=x.device))
+        loglik = self._loglik(flat, torch.full((x.shape[0],), float(sigma), dtype=torch.float64,
+                                               device=x.device))[0]
         return torch.logsumexp(loglik + self.log_weights, dim=1).to(x.dtype)
 
     def data_mean(self):
