@@ -1,6 +1,6 @@
 """The main job on the embedded default (the analytic image mixture), end to end on a fresh machine:
 
-1. train.py distils an EPD predictor (NFE 5) from a DPM-Solver++ teacher,
+1. train.py distils an EPD predictor (NFE 5) with the config's training settings,
 2. sample.py generates images with it (and writes a grid),
 3. its error against the exact ODE solution is printed next to every classical solver's at the same NFE, with the
    pixel-space Frechet distance to the exact data distribution.
@@ -37,17 +37,17 @@ def classical_settings(name, nfe):
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--kimg', metavar='FLOAT', type=float, default=3.2, help='Training length (thousands of samples)')
-@click.option('--num_eval', metavar='INT', type=int, default=64, help='Held-out samples for the error table')
+@click.option('--kimg', metavar='FLOAT', type=float, default=None, help='Training length [default: the config\'s]')
+@click.option('--num_eval', metavar='INT', type=int, default=512, help='Held-out samples for the error table')
 @click.option('--num_fd', metavar='INT', type=int, default=4000, help='Samples for the pixel Frechet distance')
 @click.option('--predictor', metavar='PATH|INT', default=None, help='Skip training and use this predictor')
 def main(kimg, num_eval, num_fd, predictor):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if predictor is None:
         before = set(glob.glob(os.path.join(ROOT, 'exps', '0*')))
-        cli('train.py', '--dataset_name=gmm_image', '--sampler_stu=epd', '--sampler_tea=dpmpp', '--M=12',
-            '--num_steps=4', '--num_points=2', '--afs=True', '--loss=l2', '--batch=32', f'--total_kimg={kimg}',
-            '--lr=0.05', '--coslr=True', '--dtype=float32')
+        # Every other training option comes from the gmm_image config's train section.
+        cli('train.py', '--dataset_name=gmm_image', '--sampler_stu=epd', '--num_steps=4',
+            *([f'--total_kimg={kimg}'] if kimg else []))
         predictor = sorted(set(glob.glob(os.path.join(ROOT, 'exps', '0*'))) - before)[-1]
     pred = training.load_predictor(predictor)
     outdir = os.path.join('samples', 'demo-epd')
@@ -58,8 +58,11 @@ def main(kimg, num_eval, num_fd, predictor):
     nfe = pred.nfe()
     g = torch.Generator().manual_seed(2**31 - 1)     # held out: not a training or sampling seed
     z = torch.randn(num_eval, *net.sample_shape, generator=g, dtype=torch.float64)
-    exact = solvers.solve_exact(net, z * pred.settings['sigma_max'], pred.settings['sigma_max'],
-                                pred.settings['sigma_min'], rtol=1e-8, atol=1e-8)
+    s_max, s_min = pred.settings['sigma_max'], pred.settings['sigma_min']
+    exact = torch.cat([solvers.solve_exact(net, part * s_max, s_max, s_min, rtol=1e-8, atol=1e-8)
+                       for part in z.split(256)])
+    # Mean per-sample RMSE. A few samples in a hundred end near another mixture mode than the exact solution (errors
+    # ~0.3, 10-50x the typical); they dominate the mean, so it needs hundreds of samples to settle.
     rmse = lambda x: ((x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())).mean().item()
     zf = torch.randn(num_fd, *net.sample_shape, generator=g, dtype=torch.float64)
     ref_mu, ref_sigma = fid.pixel_reference_stats(net)
