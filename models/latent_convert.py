@@ -234,7 +234,7 @@ def dit_key_map(num_layers):
     """Entries for a facebookresearch DiT state dict -> DiTTransformer2DModel. DiT has one timestep and one
     class embedder; diffusers keeps a copy in every block's AdaLayerNormZero (and uses block 0's for the final
     modulation), so those tensors go to every block. The fixed sin-cos `pos_embed` is not a diffusers weight: it
-    is checked against diffusers' table instead (dit_transformer)."""
+    is checked against diffusers' table instead (convert_dit)."""
     e = []
     _module(e, 'x_embedder.proj', 'pos_embed.proj')
     blocks = [f'transformer_blocks.{i}' for i in range(num_layers)]
@@ -372,20 +372,8 @@ def ldm_config_path(ckpt_path, original_config=None):
                      f"bedrooms: latent-diffusion's models/ldm/lsun_beds256/config.yaml) or pass original_config")
 
 
-def ldm_layout(original, config_name):
-    """Diffusers configs and key-map architecture of a CompVis LatentDiffusion config (the parsed yaml)."""
-    model = (original or {}).get('model') or {}
-    params = model.get('params') or {}
-    unet = ((params.get('unet_config') or {}).get('params')) or {}
-    first = params.get('first_stage_config') or {}
-    if not unet or not first:
-        raise ModelError(f"{config_name} is not a CompVis LatentDiffusion config (no model.params.unet_config and "
-                         f"first_stage_config)")
-    conditional = [k for k in ('context_dim', 'num_classes', 'use_spatial_transformer') if unet.get(k)]
-    cond_stage = params.get('cond_stage_config', '__is_unconditional__')
-    if conditional or params.get('conditioning_key') or cond_stage not in (None, '__is_unconditional__'):
-        raise ModelError(f"{config_name} describes a conditional LDM; family ldm loads unconditional ones (text-"
-                         f"conditional SD-layout checkpoints load with family sd)")
+def _unet_layout(unet, config_name):
+    """UNet2DModel config and key-map architecture of openaimodel UNetModel params."""
     for key, ok in (('dims', 2), ('conv_resample', True), ('resblock_updown', False)):
         if unet.get(key, ok) != ok:
             raise ModelError(f"{config_name}: unet_config {key}={unet[key]} is not supported (UNet2DModel has no "
@@ -401,6 +389,8 @@ def ldm_layout(original, config_name):
     # (channels, heads) of every attention block; UNet2DModel takes one head width for all of them
     blocks = [(w, num_heads) for w, a in zip(widths, attention_levels) if a] + [(widths[-1], num_heads)] + \
              [(w, num_heads_up) for w, a in zip(widths, attention_levels) if a]
+    if head_channels == -1 and num_heads == -1:
+        raise ModelError(f"{config_name}: unet_config sets neither num_heads nor num_head_channels")
     if head_channels != -1:
         head_dim = head_channels
         if any(w % head_dim for w, _ in blocks):
@@ -426,7 +416,11 @@ def ldm_layout(original, config_name):
         flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn='silu', time_embedding_type='positional')
     unet_arch = dict(model_channels=mc, channel_mult=mult, num_res_blocks=nrb, attention_levels=attention_levels,
                      heads=heads)
+    return unet_config, unet_arch
 
+
+def _first_stage_layout(first, config_name):
+    """VQModel/AutoencoderKL class and config, and key-map architecture, of a taming first_stage_config."""
     target = str(first.get('target', ''))
     fp = first.get('params') or {}
     dd = fp.get('ddconfig') or {}
@@ -453,6 +447,28 @@ def ldm_layout(original, config_name):
         vae_class = 'AutoencoderKL'
         if embed_dim != dd['z_channels'] or not dd.get('double_z', True):
             raise ModelError(f"{config_name}: a KL first stage needs embed_dim == z_channels and double_z")
+    return vae_class, vae_config, first_arch, embed_dim
+
+
+def ldm_layout(original, config_name):
+    """Diffusers configs and key-map architecture of a CompVis LatentDiffusion config (the parsed yaml)."""
+    model = (original or {}).get('model') or {}
+    params = model.get('params') or {}
+    unet = ((params.get('unet_config') or {}).get('params')) or {}
+    first = params.get('first_stage_config') or {}
+    if not unet or not first:
+        raise ModelError(f"{config_name} is not a CompVis LatentDiffusion config (no model.params.unet_config and "
+                         f"first_stage_config)")
+    conditional = [k for k in ('context_dim', 'num_classes', 'use_spatial_transformer') if unet.get(k)]
+    cond_stage = params.get('cond_stage_config', '__is_unconditional__')
+    if conditional or params.get('conditioning_key') or cond_stage not in (None, '__is_unconditional__'):
+        raise ModelError(f"{config_name} describes a conditional LDM; family ldm loads unconditional ones (text-"
+                         f"conditional SD-layout checkpoints load with family sd)")
+    try:
+        unet_config, unet_arch = _unet_layout(unet, config_name)
+        vae_class, vae_config, first_arch, embed_dim = _first_stage_layout(first, config_name)
+    except KeyError as e:
+        raise ModelError(f"{config_name}: the unet or first-stage params lack {e}")
     if embed_dim != unet['in_channels']:
         raise ModelError(f"{config_name}: the UNet takes {unet['in_channels']} channels, the first stage gives "
                          f"{embed_dim}")
