@@ -591,10 +591,19 @@ def is_single_file(model_path):
     return path.endswith(SINGLE_FILE_EXTENSIONS) and not os.path.isdir(path)
 
 
+# where the original single files of a family are published (for "does not exist" messages)
+SINGLE_FILE_SOURCES = {
+    'ldm': 'LSUN bedrooms: model.ckpt in https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
+    'dit': 'https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt',
+}
+
+
 def _existing_file(path, family):
     path = str(path)
     if not os.path.isfile(path):
-        raise _model_error(f"{path} does not exist (family {family} takes a checkpoint file or a diffusers folder)")
+        source = f"; {SINGLE_FILE_SOURCES[family]}" if family in SINGLE_FILE_SOURCES else ''
+        raise _model_error(f"{path} does not exist (family {family} takes a checkpoint file or a diffusers "
+                           f"folder){source}")
     return path
 
 
