@@ -621,13 +621,11 @@ def read_single_file(path, family):
 
 def single_file_folder(config, family, what, needs):
     """The diffusers folder (or hub id) that supplies the components a single checkpoint file lacks."""
+    from models import ModelError
     try:
         folder = PipelineFolder(config, family)
         folder.require(*needs)
-    except Exception as e:
-        from models import ModelError
-        if not isinstance(e, ModelError):
-            raise
+    except ModelError as e:
         raise _model_error(f"{what} takes its {', '.join(needs)} from single_file_config={config!r}: {e}; set "
                            f"single_file_config to a local diffusers {FAMILY_NAMES[family]} folder")
     return folder

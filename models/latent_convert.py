@@ -16,6 +16,7 @@ metadata classes in PLACEHOLDER_GLOBALS, and those are replaced by empty stand-i
 """
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -55,20 +56,22 @@ def read_checkpoint(path):
             return load_file(path)
         except Exception as e:
             raise ModelError(f"cannot read {path} as safetensors ({type(e).__name__}: {_first_line(e)})")
-    try:
+    try:  # the zip format can be inspected first, for a short message
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
-        unsafe = []  # not the zip format: torch.load(weights_only=True) below still refuses anything unsafe
+        unsafe = []  # the legacy format: torch.load(weights_only=True) below refuses the same things
     refused = [name for name in unsafe if name not in PLACEHOLDER_GLOBALS]
     if refused:
         raise ModelError(f"{path} holds objects other than weights ({', '.join(refused[:3])}); it is only read "
                          f"with torch.load(weights_only=True): save its state_dict alone, or as safetensors")
     try:
-        with torch.serialization.safe_globals([(_stand_in(name), name) for name in unsafe]):
+        with torch.serialization.safe_globals([(_stand_in(name), name) for name in PLACEHOLDER_GLOBALS]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ModelError(f"cannot read {path} with torch.load(weights_only=True) ({type(e).__name__}: "
-                         f"{_first_line(e)})")
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        reason = f"it holds objects other than weights ({found[1]})" if found else \
+            f"{type(e).__name__}: {_first_line(e)}"
+        raise ModelError(f"cannot read {path} with torch.load(weights_only=True): {reason}")
 
 
 def _first_line(e):

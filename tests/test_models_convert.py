@@ -558,17 +558,20 @@ def test_weights_only_allowlist(tmp_path, monkeypatch):
     module.ModelCheckpoint = ModelCheckpoint
     for name in ('pytorch_lightning', 'pytorch_lightning.callbacks', module.__name__):
         monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
-    path = str(tmp_path / 'pl.ckpt')
-    torch.save({'state_dict': {'w': torch.ones(2)}, 'callbacks': {ModelCheckpoint: {'best_model_score': None}},
-                'args': argparse.Namespace(lr=1e-4)}, path)
+    content = {'state_dict': {'w': torch.ones(2)}, 'callbacks': {ModelCheckpoint: {'best_model_score': None}},
+               'args': argparse.Namespace(lr=1e-4)}
+    for zipped in (True, False):  # torch.save's format since 1.6, and the legacy one
+        torch.save(content, tmp_path / f'pl-{zipped}.ckpt', _use_new_zipfile_serialization=zipped)
+        torch.save({**content, 'x': NotWeights()}, tmp_path / f'other-{zipped}.ckpt',
+                   _use_new_zipfile_serialization=zipped)
     monkeypatch.delitem(sys.modules, module.__name__)  # the class cannot be imported when loading
-    obj = lc.read_checkpoint(path)
-    assert torch.equal(obj['state_dict']['w'], torch.ones(2))
-    assert all(isinstance(k, type) and issubclass(k, lc._Placeholder) for k in obj['callbacks'])
-    assert isinstance(obj['args'], lc._Placeholder)
-    torch.save({'state_dict': {'w': torch.ones(2)}, 'x': NotWeights()}, tmp_path / 'other.ckpt')
-    with pytest.raises(ModelError, match=r"holds objects other than weights \(tests.test_models_convert.NotWeights\)"):
-        lc.read_checkpoint(str(tmp_path / 'other.ckpt'))
+    for zipped in (True, False):
+        obj = lc.read_checkpoint(str(tmp_path / f'pl-{zipped}.ckpt'))
+        assert torch.equal(obj['state_dict']['w'], torch.ones(2))
+        assert all(isinstance(k, type) and issubclass(k, lc._Placeholder) for k in obj['callbacks'])
+        assert isinstance(obj['args'], lc._Placeholder)
+        with pytest.raises(ModelError, match=r"objects other than weights \(tests.test_models_convert.NotWeights\)"):
+            lc.read_checkpoint(str(tmp_path / f'other-{zipped}.ckpt'))
 
 
 # ----------------------------------------------------------------------------------------------------------------
