@@ -327,8 +327,8 @@ def filled_model(cls, config, tensors, name, config_name):
 
 
 def transformer_from_original(cls, state, config, name, config_name):
-    """An SD3/FLUX transformer from a single file: diffusers' own key conversion of the original (Stability AI /
-    Black Forest Labs) layout, or the tensors as they are when the file already has diffusers names.
+    """An SD3/FLUX transformer from a single file: diffusers' own key conversion of the original layout (SD3's
+    MMDiT names, Black Forest Labs' FLUX names), or the tensors as they are when the file has diffusers names.
 
     This is what `from_single_file` does, minus two things that matter here: it loads with strict=False (a
     weight the conversion did not produce would stay random without a word) and, without accelerate, it runs
@@ -660,8 +660,8 @@ def dit_pipeline(transformer, single_file_config):
               required=True)
 @click.option('--dest', help='Diffusers pipeline folder to write (must not exist)', metavar='DIR', type=str,
               required=True)
-@click.option('--family', help='Family of --src (default: from its keys)', type=click.Choice(['ldm', 'dit']),
-              default=None)
+@click.option('--family', help='Family of --src (default: from its keys)', metavar='ldm|dit',
+              type=click.Choice(['ldm', 'dit']), default=None)
 @click.option('--original_config', help='LDM: its config yaml (default: config.yaml beside --src)', metavar='YAML',
               type=str, default=None)
 @click.option('--use_ema', help='LDM: use the EMA weights when the checkpoint has them', metavar='BOOL', type=bool,

@@ -455,6 +455,9 @@ def test_ldm_key_map_has_the_real_bedroom_names():
                 **lc.source_shapes(lc.first_stage_key_map(layout['first_arch']), lc._shapes(vae))}
     assert {k: list(expected.get(k, ())) for k in REAL_LDM_KEYS} == REAL_LDM_KEYS
     assert not [k for k in ABSENT_LDM_KEYS if k in expected]
+    with torch.device('meta'):  # the full-size original module tree names exactly the same weights
+        original = {k: tuple(v.shape) for k, v in CompVisLDM(BEDROOM_YAML).state_dict().items()}
+    assert original == expected
     unet_params = sum(math.prod(s) for k, s in expected.items() if k.startswith('model.'))
     assert round(unet_params / 1e6) == 274  # LDM-4 on LSUN bedrooms: 274M parameters (LDM paper)
     assert layout['unet_config']['attention_head_dim'] == 32 and layout['vae_config']['num_vq_embeddings'] == 8192
