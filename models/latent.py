@@ -581,6 +581,79 @@ def _vae_factor(vae):
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+SINGLE_FILE_EXTENSIONS = ('.ckpt', '.safetensors', '.pt', '.pth', '.bin')
+SD_SCALING_FACTOR = 0.18215
+
+
+def is_single_file(model_path):
+    """A checkpoint file (by extension) rather than a diffusers folder or hub id."""
+    path = str(model_path) if model_path is not None else ''
+    return path.endswith(SINGLE_FILE_EXTENSIONS) and not os.path.isdir(path)
+
+
+# where the original single files of a family are published (for "does not exist" messages)
+SINGLE_FILE_SOURCES = {
+    'ldm': 'LSUN bedrooms: model.ckpt in https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
+    'dit': 'https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt',
+}
+
+
+def _existing_file(path, family):
+    path = str(path)
+    if not os.path.isfile(path):
+        source = f"; {SINGLE_FILE_SOURCES[family]}" if family in SINGLE_FILE_SOURCES else ''
+        raise _model_error(f"{path} does not exist (family {family} takes a checkpoint file or a diffusers "
+                           f"folder){source}")
+    return path
+
+
+def read_single_file(path, family):
+    """The state dict of a single checkpoint file, checked to be of `family` by its key names."""
+    from models.latent_convert import checkpoint_state, guess_family, read_checkpoint
+    path = _existing_file(path, family)
+    state = checkpoint_state(read_checkpoint(path), path)
+    found = guess_family(state)
+    if found != family:
+        hint = f"; its keys are those of family {found} ({FAMILY_NAMES.get(found, found)})" if found else ''
+        raise _model_error(f"{path} is not a {FAMILY_NAMES[family]} checkpoint{hint}")
+    return state
+
+
+def single_file_folder(config, family, what, needs):
+    """The diffusers folder (or hub id) that supplies the components a single checkpoint file lacks."""
+    from models import ModelError
+    try:
+        folder = PipelineFolder(config, family)
+        folder.require(*needs)
+    except ModelError as e:
+        raise _model_error(f"{what} takes its {', '.join(needs)} from single_file_config={config!r}: {e}; set "
+                           f"single_file_config to a local diffusers {FAMILY_NAMES[family]} folder")
+    return folder
+
+
+def _single_file_transformer(class_name, state, folder, path, dtype):
+    """The transformer of a single SD3/FLUX file, with the architecture (config) of `folder`'s transformer."""
+    import diffusers
+    from models.latent_convert import transformer_from_original
+    cls = getattr(diffusers, class_name)
+    try:
+        config = dict(cls.load_config(folder.path, subfolder='transformer'))
+    except OSError as e:
+        raise _model_error(f"single_file_config={folder.path!r} has no readable transformer config "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {path} takes its "
+                           f"architecture from there")
+    return transformer_from_original(cls, state, config, path, folder.path).to(dtype)
+
+
+def _sd3_hub_config(state):
+    """The diffusers hub repo of an original SD3 file: 3.5 Medium has dual attention (attn2), 3.5 Large 38 blocks."""
+    blocks = {k.split('joint_blocks.')[1].split('.')[0] for k in state if 'joint_blocks.' in k}
+    if any('.attn2.' in k for k in state):
+        return 'stabilityai/stable-diffusion-3.5-medium'
+    return 'stabilityai/stable-diffusion-3.5-large' if len(blocks) == 38 else \
+        'stabilityai/stable-diffusion-3-medium-diffusers'
+
+
 def load_sd(model_path, dtype=None, guidance_type='cfg', guidance_rate=7.5, negative_prompt='', resolution=None,
             device=None, latent_scale=None, single_file_config=None, **config):
     """Stable Diffusion 1.x/2.x from a diffusers folder/hub id, or a single original .ckpt/.safetensors file."""
@@ -640,21 +713,34 @@ def _load_sd_single_file(path, single_file_config, dtype):
 
 
 def load_ldm(model_path, dtype=None, guidance_type='uncond', guidance_rate=1.0, resolution=None, device=None,
-             latent_scale=None, **config):
-    """Unconditional LDM (UNet2DModel + VQModel or AutoencoderKL) from a diffusers folder (LDMPipeline layout)."""
+             latent_scale=None, original_config=None, use_ema=True, **config):
+    """Unconditional LDM (UNet2DModel + VQModel or AutoencoderKL) from a diffusers folder (LDMPipeline layout) or
+    an original CompVis checkpoint (.ckpt; its yaml is `original_config`, default config.yaml beside it; its EMA
+    weights are used when it has them unless use_ema=False), converted by models/latent_convert.py."""
     _check_options('ldm', config, ())
     if GUIDANCE_TYPES.get(guidance_type, guidance_type) not in (None, 'uncond'):
         raise _model_error(f"the unconditional LDM takes guidance_type uncond, not {guidance_type}")
     dtype = parse_dtype(dtype)
-    folder = PipelineFolder(model_path, 'ldm')
-    folder.require('unet', 'scheduler')
-    vae_name = folder.first('vqvae', 'vae')
-    unet, vae, sched = folder.component('unet', dtype), folder.component(vae_name, dtype), folder.scheduler_config()
-    if type(unet).__name__ != 'UNet2DModel':
-        raise _model_error(f"{folder.path}: unet is a {type(unet).__name__}; an unconditional LDM has a UNet2DModel")
+    if is_single_file(model_path):
+        from models.latent_convert import load_ldm_checkpoint
+        parts = load_ldm_checkpoint(_existing_file(model_path, 'ldm'), original_config, use_ema)
+        unet, vae, sched = parts['unet'].to(dtype), parts['vae'].to(dtype), parts['scheduler']
+        latent_scale = parts['latent_scale'] if latent_scale is None else latent_scale
+    else:
+        if original_config is not None:
+            raise _model_error("original_config is the yaml of a CompVis .ckpt; a diffusers folder needs none")
+        folder = PipelineFolder(model_path, 'ldm')
+        folder.require('unet', 'scheduler')
+        vae_name = folder.first('vqvae', 'vae')
+        unet, vae, sched = folder.component('unet', dtype), folder.component(vae_name, dtype), folder.scheduler_config()
+        if type(unet).__name__ != 'UNet2DModel':
+            raise _model_error(f"{folder.path}: unet is a {type(unet).__name__}; an unconditional LDM has a "
+                               f"UNet2DModel")
     if latent_scale is None:
-        # CompVis VQ-f4 LDMs use scale_factor 1; diffusers fills a missing VQModel scaling_factor with SD's 0.18215
-        latent_scale = 1.0 if type(vae).__name__ == 'VQModel' else vae.config.scaling_factor
+        latent_scale = vae.config.scaling_factor
+        if type(vae).__name__ == 'VQModel' and latent_scale == SD_SCALING_FACTOR:
+            # CompVis VQ-f4 LDMs use scale_factor 1; diffusers fills a VQModel config without one with SD's value
+            latent_scale = 1.0
     _freeze(unet, vae)
     net = LatentDiffusion(unet=unet, vae=vae, alphas_cumprod=_alphas_cumprod(sched),
                           prediction_type=sched.get('prediction_type', 'epsilon'), guidance_type='uncond',
@@ -663,16 +749,25 @@ def load_ldm(model_path, dtype=None, guidance_type='uncond', guidance_rate=1.0, 
 
 
 def load_dit(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.0, resolution=None, device=None,
-             latent_scale=None, **config):
-    """Class-conditional DiT (DiTTransformer2DModel + AutoencoderKL) from a diffusers DiTPipeline folder."""
+             latent_scale=None, single_file_config=None, num_attention_heads=None, **config):
+    """Class-conditional DiT (DiTTransformer2DModel + AutoencoderKL) from a diffusers DiTPipeline folder, or an
+    original facebookresearch .pt (converted by models/latent_convert.py) with the VAE and scheduler of
+    `single_file_config` (default facebook/DiT-XL-2-256)."""
     _check_options('dit', config, ())
     dtype = parse_dtype(dtype)
-    folder = PipelineFolder(model_path, 'dit')
-    folder.require('transformer', 'vae', 'scheduler')
-    transformer, vae = folder.component('transformer', dtype), folder.component('vae', dtype)
-    sched = folder.scheduler_config()
+    if is_single_file(model_path):
+        from models.latent_convert import convert_dit
+        state = read_single_file(model_path, 'dit')
+        transformer = convert_dit(state, str(model_path), num_attention_heads).to(dtype)
+        folder = single_file_folder(single_file_config or 'facebook/DiT-XL-2-256', 'dit', model_path,
+                                    ('vae', 'scheduler'))
+    else:
+        folder = PipelineFolder(model_path, 'dit')
+        folder.require('transformer', 'vae', 'scheduler')
+        transformer = folder.component('transformer', dtype)
+    vae, sched = folder.component('vae', dtype), folder.scheduler_config()
     if not transformer.config.get('num_embeds_ada_norm'):
-        raise _model_error(f"{folder.path}: the transformer is not class-conditional (no num_embeds_ada_norm)")
+        raise _model_error(f"{model_path}: the transformer is not class-conditional (no num_embeds_ada_norm)")
     _freeze(transformer, vae)
     net = DiT(transformer=transformer, vae=vae, alphas_cumprod=_alphas_cumprod(sched),
               prediction_type=sched.get('prediction_type', 'epsilon'), guidance_type=guidance_type,
@@ -683,13 +778,22 @@ def load_dit(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.0, res
 
 
 def load_sd3(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.5, negative_prompt='', resolution=None,
-             device=None, latent_scale=None, max_sequence_length=256, **config):
-    """Stable Diffusion 3 from a diffusers folder/hub id; T5 (text_encoder_3) may be left out of the folder."""
+             device=None, latent_scale=None, max_sequence_length=256, single_file_config=None, **config):
+    """Stable Diffusion 3 from a diffusers folder/hub id, or a single original checkpoint (sd3_medium.safetensors,
+    sd3.5_medium.safetensors) whose transformer is used with the other components of `single_file_config`.
+    T5 (text_encoder_3) may be left out of the folder."""
     _check_options('sd3', config, ())
     dtype = parse_dtype(dtype)
-    folder = PipelineFolder(model_path, 'sd3')
-    folder.require('transformer', 'vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
-    transformer, vae = folder.component('transformer', dtype), folder.component('vae', dtype)
+    needs = ('vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
+    if is_single_file(model_path):
+        state = read_single_file(model_path, 'sd3')
+        folder = single_file_folder(single_file_config or _sd3_hub_config(state), 'sd3', model_path, needs)
+        transformer = _single_file_transformer('SD3Transformer2DModel', state, folder, model_path, dtype)
+    else:
+        folder = PipelineFolder(model_path, 'sd3')
+        folder.require('transformer', *needs)
+        transformer = folder.component('transformer', dtype)
+    vae = folder.component('vae', dtype)
     encoders = [folder.component('text_encoder', dtype), folder.component('text_encoder_2', dtype),
                 folder.component('text_encoder_3', dtype) if folder.has('text_encoder_3') else None]
     tokenizers = [folder.component('tokenizer'), folder.component('tokenizer_2'),
@@ -708,14 +812,24 @@ def load_sd3(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.5, neg
 
 def load_flux(model_path, dtype=None, guidance_type='embedded', guidance_rate=3.5, negative_prompt='',
               resolution=None, device=None, latent_scale=None, max_sequence_length=512, embedded_guidance=3.5,
-              **config):
-    """FLUX.1 from a diffusers folder/hub id. The flow shift follows the scheduler: exp(mu) with mu from the
+              single_file_config=None, **config):
+    """FLUX.1 from a diffusers folder/hub id, or a single transformer file (flux1-dev.safetensors) used with the
+    other components of `single_file_config`. The flow shift follows the scheduler: exp(mu) with mu from the
     latent token count when dynamic shifting is on (FLUX.1-dev), else its fixed shift."""
     _check_options('flux', config, ())
     dtype = parse_dtype(dtype)
-    folder = PipelineFolder(model_path, 'flux')
-    folder.require('transformer', 'vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
-    transformer, vae = folder.component('transformer', dtype), folder.component('vae', dtype)
+    needs = ('vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
+    if is_single_file(model_path):
+        state = read_single_file(model_path, 'flux')
+        guided = any('guidance_in.' in k or 'guidance_embedder.' in k for k in state)
+        hub = 'black-forest-labs/FLUX.1-dev' if guided else 'black-forest-labs/FLUX.1-schnell'
+        folder = single_file_folder(single_file_config or hub, 'flux', model_path, needs)
+        transformer = _single_file_transformer('FluxTransformer2DModel', state, folder, model_path, dtype)
+    else:
+        folder = PipelineFolder(model_path, 'flux')
+        folder.require('transformer', *needs)
+        transformer = folder.component('transformer', dtype)
+    vae = folder.component('vae', dtype)
     encoders = [folder.component('text_encoder', dtype), folder.component('text_encoder_2', dtype)]
     tokenizers = [folder.component('tokenizer'), folder.component('tokenizer_2')]
     sched = folder.scheduler_config()

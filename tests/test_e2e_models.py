@@ -8,6 +8,7 @@ import yaml
 
 from models import edm
 from tests.conftest import run_cli
+from tests.test_models_convert import build_compvis_ldm, build_facebook_dit
 from tests.test_models_latent import build_tiny_dit, build_tiny_sd
 from tests.test_models_pixel import ADM_ARCH, CLASSIFIER_ARCH, _adm_classifier, _adm_unet, _edm_net
 
@@ -37,6 +38,16 @@ def build(kind, folder):
         build_tiny_dit(str(folder / 'dit'))
         return write_config(folder, dict(family='dit', model_path=str(folder / 'dit'), guidance_type='cfg',
                                          guidance_rate=2.0))
+    if kind == 'ldm-ckpt':  # a CompVis checkpoint with its config.yaml beside it
+        build_compvis_ldm(str(folder / 'ldm'))
+        return write_config(folder, dict(family='ldm', model_path=str(folder / 'ldm' / 'model.ckpt')),
+                            schedule_type='discrete', schedule_rho=1.0)
+    if kind == 'dit-pt':  # a facebookresearch .pt; VAE and scheduler from a diffusers DiT folder
+        build_facebook_dit(str(folder / 'DiT-tiny.pt'))
+        build_tiny_dit(str(folder / 'dit'))
+        return write_config(folder, dict(family='dit', model_path=str(folder / 'DiT-tiny.pt'),
+                                         single_file_config=str(folder / 'dit'), num_attention_heads=2,
+                                         guidance_type='cfg', guidance_rate=2.0))
     raise ValueError(kind)
 
 
@@ -61,6 +72,16 @@ def test_sample_and_train_on_tiny_model(tmp_path, kind):
     result = run_cli(['sample.py', f'--dataset_name={config}', f'--predictor_path={folders[1]}', '--seeds=0-1',
                       '--batch=2', f'--outdir={tmp_path / "learned"}', *(['--prompt=a cat'] if kind == 'sd' else [])])
     assert (tmp_path / 'learned' / '000000' / '000001.png').is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['ldm-ckpt', 'dit-pt'])
+def test_sample_on_original_checkpoint(tmp_path, kind):
+    config = build(kind, tmp_path)
+    result = run_cli(['sample.py', f'--dataset_name={config}', '--sampler_stu=dpmpp', '--num_steps=4',
+                      '--seeds=0-2', '--batch=2', f'--outdir={tmp_path / "samples"}'])
+    assert 'NFE per image: 3' in result.stdout
+    assert (tmp_path / 'samples' / '000000' / '000002.png').is_file()
 
 
 def test_missing_model_file_names_url_and_place(tmp_path):
