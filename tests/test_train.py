@@ -166,3 +166,29 @@ def test_amed_dpmpp_plugin_without_learning_is_dpmpp_on_the_interleaved_grid(gmm
     fine = torch.cat([fine, sigmas[-1:]])
     ref = solvers.SOLVERS['dpmpp'].fn(gmm_image, z * 80, fine, max_order=3)
     assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_training_options_come_from_the_config_then_the_command_line(tmp_path):
+    from train import TRAIN_DEFAULTS, UsageError, resolve_options
+    cfg = dict(dataset_name='x', sample={'dtype': 'float64'}, train={'lr': 0.3, 'loss': 'rmse', 'M': 9})
+    opts = resolve_options(cfg, dict(lr=None, M=2, batch=None))
+    assert (opts['lr'], opts['loss'], opts['M'], opts['batch'], opts['dtype']) == (0.3, 'rmse', 2,
+                                                                                   TRAIN_DEFAULTS['batch'], 'float64')
+    with pytest.raises(UsageError, match='unknown key.*lrate'):
+        resolve_options(dict(cfg, train={'lrate': 1}), {})
+    # The dry run shows what a user gets from the embedded default's config.
+    result = run_cli(['train.py', '-n', '--M=4', f'--outdir={tmp_path}'])
+    settings = json.loads(result.stdout)['settings']
+    assert (settings['M'], settings['loss'], settings['schedule_type']) == (4, 'rmse', 'logsnr')
+
+
+def test_rmse_objective_is_the_final_error_to_the_exact_solution(gmm_image):
+    from training.distill import distill_loss
+    pred = EPDPredictor(epd_settings(sampler_tea='exact', loss='rmse', num_points=2, afs=True))
+    with torch.no_grad():
+        pred.r_params.add_(0.3)                          # away from the symmetric start
+    z = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss, _ = distill_loss(pred, gmm_image, z, None, pred.settings)
+    exact = solvers.solve_exact(gmm_image, z * 80.0, 80.0, 0.002, rtol=1e-9, atol=1e-9)
+    rmse = ((pred.sample(gmm_image, z) - exact).flatten(1).norm(dim=1) / (3 * 32 * 32) ** 0.5).mean()
+    assert abs(loss.item() - rmse.item()) < 1e-5 * rmse.item()
