@@ -59,9 +59,17 @@ def predictor_kind(sampler_stu, plugin):
 
 
 def next_run_dir(outdir, name):
+    """Create and return outdir/NNNNN-name with the next free number; mkdir claims the number, so runs started at
+    the same moment get different folders."""
     os.makedirs(outdir, exist_ok=True)
-    ids = [int(m.group(1)) for d in os.listdir(outdir) if (m := re.match(r'(\d+)-', d))]
-    return os.path.join(outdir, f'{max(ids, default=0) + 1:05d}-{name}')
+    while True:
+        ids = [int(m.group(1)) for d in os.listdir(outdir) if (m := re.match(r'(\d+)-', d))]
+        path = os.path.join(outdir, f'{max(ids, default=0) + 1:05d}-{name}')
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
 
 
 class Logger:

@@ -35,17 +35,39 @@ def classical_settings(name, nfe):
     return nfe + 1, False
 
 
-def train(student, nfe, kimg, exps, extra):
-    """Train with the gmm_image config's training settings (what `train.py` gives a user by default)."""
+def train_command(student, nfe, kimg, exps):
+    """train.py with the gmm_image config's training settings (what a user gets by default), into its own folder."""
     num_steps = (nfe + 1) // 2 + 1          # with AFS: 2 (N - 1) - 1 = nfe
-    before = set(glob.glob(os.path.join(exps, '0*')))
     args = [sys.executable, os.path.join(ROOT, 'train.py'), f'--sampler_stu={student}', f'--num_steps={num_steps}',
-            '--afs=True', f'--outdir={exps}'] + ([f'--total_kimg={kimg}'] if kimg else []) + list(extra)
-    if student == 'ipndm':
-        args.append('--max_order=3')
-    start = time.time()
-    subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return sorted(set(glob.glob(os.path.join(exps, '0*'))) - before)[-1], time.time() - start
+            '--afs=True', f'--outdir={os.path.join(exps, f"{student}-nfe{nfe}")}']
+    return args + ([f'--total_kimg={kimg}'] if kimg else []) + (['--max_order=3'] if student == 'ipndm' else [])
+
+
+def train_all(jobs, kimg, exps, parallel):
+    """Run the trainings, `parallel` at a time (each on one thread then); returns their wall times."""
+    env = dict(os.environ, OMP_NUM_THREADS='1') if parallel > 1 else dict(os.environ)
+    pending, running, seconds = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            running[job] = (subprocess.Popen(train_command(*job, kimg, exps), cwd=ROOT, env=env,
+                                             stdout=subprocess.DEVNULL), time.time())
+        time.sleep(1)
+        for job, (proc, start) in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode:
+                    raise SystemExit(f'training {job} failed (exit {proc.returncode})')
+                seconds[job] = time.time() - start
+                del running[job]
+    return seconds
+
+
+def find_predictor(folder, student, nfe):
+    for meta_path in sorted(glob.glob(os.path.join(folder, '**', 'predictor.json'), recursive=True)):
+        meta = json.load(open(meta_path))
+        if meta['sampler_stu'] == student and 2 * (meta['num_steps'] - 1) - meta['afs'] == nfe:
+            return os.path.dirname(meta_path)
+    return None
 
 
 def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
@@ -63,8 +85,9 @@ def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
 @click.option('--num_eval', metavar='INT', type=int, default=1024, help='Held-out samples')
 @click.option('--exps', metavar='DIR', default=os.path.join(ROOT, 'exps', 'bench'), help='Where predictors go')
 @click.option('--reuse', metavar='DIR', default=None, help='Reuse predictors already in this folder')
+@click.option('--jobs', metavar='INT', type=int, default=1, help='Trainings run at a time (one thread each if > 1)')
 @click.option('--out', metavar='PATH', default=os.path.join(ROOT, 'docs', 'learned.md'), help='Markdown output')
-def main(nfes, students, kimg, num_eval, exps, reuse, out):
+def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
     nfes = [int(v) for v in nfes.split(',')]
     students = students.split(',')
     net = image_mixture()
@@ -73,18 +96,13 @@ def main(nfes, students, kimg, num_eval, exps, reuse, out):
     exact = torch.cat([solvers.solve_exact(net, part * net.sigma_max, net.sigma_max, net.sigma_min, rtol=1e-9,
                                            atol=1e-9) for part in z.split(256)])
     per_sample = lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
-    rows, train_times = {}, {}
+    rows = {}
+    todo = [(s, n) for n in nfes for s in students if not (reuse and find_predictor(reuse, s, n))]
+    train_times = train_all(todo, kimg, exps, jobs)
     for nfe in nfes:
         for student in students:
-            folder = None
-            if reuse:
-                for meta_path in sorted(glob.glob(os.path.join(reuse, '*', 'predictor.json'))):
-                    meta = json.load(open(meta_path))
-                    if meta['sampler_stu'] == student and 2 * (meta['num_steps'] - 1) - meta['afs'] == nfe:
-                        folder = os.path.dirname(meta_path)
-            if folder is None:
-                folder, seconds = train(student, nfe, kimg, exps, [])
-                train_times[(student, nfe)] = seconds
+            folder = find_predictor(reuse, student, nfe) if reuse else None
+            folder = folder or find_predictor(os.path.join(exps, f'{student}-nfe{nfe}'), student, nfe)
             pred = training.load_predictor(folder)
             with torch.no_grad():
                 rows.setdefault(LABELS[student], {})[nfe] = per_sample(pred.sample(net, z))
@@ -131,7 +149,8 @@ def main(nfes, students, kimg, num_eval, exps, reuse, out):
             e = rows[label][n]
             lines.append(f'| {label} | {n} | {e.mean():.4f} | {e.median():.4f} | {(e > 0.1).float().mean():.1%} |')
     if train_times:
-        lines += ['', '## Training time (2 CPU cores)', '']
+        where = f'{jobs} trainings at a time, one thread each' if jobs > 1 else 'one training at a time'
+        lines += ['', f'## Training time (2 CPU cores, {where})', '']
         lines += [f'- {LABELS[s]} NFE {n}: {t:.0f} s' for (s, n), t in train_times.items()]
     with open(out, 'w') as f:
         f.write('\n'.join(lines) + '\n')

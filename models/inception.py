@@ -18,11 +18,12 @@ and so on). Weights load, without executing any code from the file, from:
 import collections
 import io
 import os
-import pickle
 import zipfile
 
 import torch
 import torch.nn.functional as F
+
+from torch_utils.restricted_pickle import TORCH_TENSOR_GLOBALS, RestrictedUnpickler
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -320,49 +321,19 @@ def _persistent_record(meta):
     return rec
 
 
-def _storage_from_bytes(data):
-    """torch.storage._load_from_bytes, but through the weights-only loader."""
-    return torch.load(io.BytesIO(data), weights_only=True, map_location='cpu')
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
-    return data
-
-
-_SAFE_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('builtins', 'slice'): slice,
+_RECORD_GLOBALS = {
+    **TORCH_TENSOR_GLOBALS,
     ('copyreg', '__newobj__'): _new_record,
     ('copyreg', '_reconstructor'): _new_record,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _storage_from_bytes,
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
 }
 
 
-class RecordUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the tensor-rebuilding globals above; every other global becomes an inert
-    record class, so nothing from the file runs. Storages in TorchScript archives come from `storages`."""
-
-    def __init__(self, file, storages=None):
-        super().__init__(file)
-        self._storages = storages
-
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        if module == 'torch' and name.endswith('Storage'):
-            return getattr(torch, name)             # storage type tags (their dtype), never called with data
-        return _record_class(module, name)
-
-    def persistent_load(self, pid):
-        if self._storages is None:
-            raise pickle.UnpicklingError('unexpected persistent id in a plain pickle')
-        return self._storages(pid)
+def _record_load(file, storages=None):
+    """Tensors through the shared allow-list; every other global becomes an inert record class, so nothing from
+    the file runs. Storages in TorchScript archives come from `storages`."""
+    return RestrictedUnpickler(file, _RECORD_GLOBALS, source='Inception weight file', unknown=_record_class,
+                               storages=storages).load()
 
 
 def _collect_tensors(node, prefix, out, seen):
@@ -404,7 +375,7 @@ def _read_torchscript_archive(zf, names):
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
     with zf.open(data_pkl) as f:
-        return RecordUnpickler(io.BytesIO(f.read()), storages=load_storage).load()
+        return _record_load(io.BytesIO(f.read()), storages=load_storage)
 
 
 def read_state_dict(path):
@@ -427,7 +398,7 @@ def read_state_dict(path):
             state = state['state_dict']
         return dict(state)
     with open(path, 'rb') as f:
-        tree = RecordUnpickler(f).load()
+        tree = _record_load(f)
     out = {}
     _collect_tensors(tree, '', out, set())
     return out

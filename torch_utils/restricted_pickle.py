@@ -73,23 +73,34 @@ TORCH_TENSOR_GLOBALS = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` whose globals come only from `allowed`: {(module, name): object}."""
+    """`pickle.Unpickler` whose globals come only from `allowed`: {(module, name): object}.
 
-    def __init__(self, file, allowed, source='pickle'):
+    `unknown(module, name)`, when given, supplies inert stand-ins (classes whose construction runs nothing from
+    the file) for globals outside the allow-list instead of refusing them; `storages(pid)` reads the persistent
+    storage ids of TorchScript archives."""
+
+    def __init__(self, file, allowed, source='pickle', unknown=None, storages=None):
         super().__init__(file)
         self.allowed = dict(allowed)
         self.source = source
+        self.unknown = unknown
+        self.storages = storages
 
     def find_class(self, module, name):
-        try:
+        if (module, name) in self.allowed:
             return self.allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f'{self.source} asks to call {module}.{name}, which is not on the allow-list of this loader; '
-                f'refusing to load it (nothing from the file has been run)') from None
+        if module == 'torch' and name.endswith('Storage') and hasattr(torch, name):
+            return getattr(torch, name)             # storage type tags (their dtype), never called with data
+        if self.unknown is not None:
+            return self.unknown(module, name)
+        raise UnsafePickleError(
+            f'{self.source} asks to call {module}.{name}, which is not on the allow-list of this loader; '
+            f'refusing to load it (nothing from the file has been run)')
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f'{self.source} uses persistent ids, which this loader does not read')
+        if self.storages is None:
+            raise UnsafePickleError(f'{self.source} uses persistent ids, which this loader does not read')
+        return self.storages(pid)
 
 
 def restricted_load(file, allowed, source='pickle'):
