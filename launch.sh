@@ -25,11 +25,13 @@ run() {  # torchrun when more than one worker is asked for
 
 # ---- train: distil a solver predictor ------------------------------------------------------------------------
 train() {
-  SOLVER_FLAGS="--sampler_stu=epd --sampler_tea=dpm --num_steps=4 --M=3 --afs=True --num_points=2"
-  SCHEDULE_FLAGS="--schedule_type=polynomial --schedule_rho=7"
-  ADDITIONAL_FLAGS="--max_order=4 --scale_dir=0.05 --scale_time=0.05"
+  # Options left out come from the dataset config's train section (configs/<dataset>.yaml); set any of them here,
+  # e.g. SCHEDULE_FLAGS="--schedule_type=time_uniform --schedule_rho=1", ADDITIONAL_FLAGS="--scale_dir=0.05".
+  SOLVER_FLAGS="--sampler_stu=epd --num_steps=4 --afs=True --num_points=2"
+  SCHEDULE_FLAGS=""
+  ADDITIONAL_FLAGS=""
   GUIDANCE_FLAGS=""
-  run train.py --dataset_name="${DATASET:-gmm_image}" --batch=64 --total_kimg=10 \
+  run train.py --dataset_name="${DATASET:-gmm_image}" \
     $SOLVER_FLAGS $SCHEDULE_FLAGS $ADDITIONAL_FLAGS $GUIDANCE_FLAGS "$@"
 }
 
