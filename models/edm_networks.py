@@ -489,7 +489,7 @@ class _Precond(_RecordsInitKwargs):
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x, bottleneck = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
                                      return_bottleneck=True, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or torch.is_autocast_enabled(x.device.type)   # autocast picks its own dtype
         D_x = c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
         return (D_x, bottleneck) if return_bottleneck else D_x
 
