@@ -35,16 +35,21 @@ class UsageError(Exception):
     pass
 
 
-def resolve_options(cfg, given):
-    """Training options: the built-in defaults, then the dataset config's `train:` section, then the command line
-    (options given as None were not given). The training dtype falls back to the config's sampling dtype."""
-    unknown = sorted(set(cfg['train']) - set(TRAIN_DEFAULTS))
+def resolve_options(cfg, given, plugin='epd'):
+    """Training options: the built-in defaults, then the dataset config's `train:` section, then its `epd:` or
+    `amed:` subsection for the predictor being trained, then the command line (options given as None were not
+    given). The training dtype falls back to the config's sampling dtype."""
+    section = dict(cfg['train'])
+    per_kind = {kind: dict(section.pop(kind) or {}) for kind in ('epd', 'amed') if kind in section}
+    unknown = sorted(set(section).union(*per_kind.values()) - set(TRAIN_DEFAULTS))
     if unknown:
         raise UsageError(f"unknown key(s) {', '.join(unknown)} in the train section of the {cfg['dataset_name']} "
-                         f"config; allowed: {', '.join(TRAIN_DEFAULTS)}")
+                         f"config; allowed: {', '.join(TRAIN_DEFAULTS)} (and epd:, amed: subsections of them)")
+    given = {k: v for k, v in given.items() if v is not None}
     opts = dict(TRAIN_DEFAULTS, dtype=cfg['sample'].get('dtype', TRAIN_DEFAULTS['dtype']))
-    opts.update(cfg['train'])
-    opts.update({k: v for k, v in given.items() if v is not None})
+    opts.update(section)
+    opts.update(per_kind.get(predictor_kind(given.get('sampler_stu', opts['sampler_stu']), plugin), {}))
+    opts.update(given)
     return opts
 
 
@@ -142,7 +147,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = configs.load_config(dataset_name)
-    opts = resolve_options(cfg, {k: v for k, v in locals().items() if k in TRAIN_DEFAULTS})
+    opts = resolve_options(cfg, {k: v for k, v in locals().items() if k in TRAIN_DEFAULTS}, plugin)
     sampler_stu, sampler_tea, num_steps, M, num_points, afs = (opts[k] for k in (
         'sampler_stu', 'sampler_tea', 'num_steps', 'M', 'num_points', 'afs'))
     scale_dir, scale_time, fcn, loss, alpha, schedule_type, schedule_rho = (opts[k] for k in (

@@ -98,12 +98,15 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
     per_sample = lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
     rows = {}
     todo = [(s, n) for n in nfes for s in students if not (reuse and find_predictor(reuse, s, n))]
-    train_times = train_all(todo, kimg, exps, jobs)
+    train_all(todo, kimg, exps, jobs)
+    train_times = {}
     for nfe in nfes:
         for student in students:
             folder = find_predictor(reuse, student, nfe) if reuse else None
             folder = folder or find_predictor(os.path.join(exps, f'{student}-nfe{nfe}'), student, nfe)
             pred = training.load_predictor(folder)
+            with open(os.path.join(folder, 'stats.jsonl')) as f:      # train.py's own clock, excluding start-up
+                train_times[(student, nfe)] = json.loads(f.read().splitlines()[-1])['sec']
             with torch.no_grad():
                 rows.setdefault(LABELS[student], {})[nfe] = per_sample(pred.sample(net, z))
             print(f'{LABELS[student]} NFE {nfe}: {rows[LABELS[student]][nfe].mean():.5f} ({folder})', flush=True)
@@ -150,7 +153,7 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
             lines.append(f'| {label} | {n} | {e.mean():.4f} | {e.median():.4f} | {(e > 0.1).float().mean():.1%} |')
     if train_times:
         where = f'{jobs} trainings at a time, one thread each' if jobs > 1 else 'one training at a time'
-        lines += ['', f'## Training time (2 CPU cores, {where})', '']
+        lines += ['', f'## Training time (2 CPU cores, {where}; from each run\'s stats.jsonl)', '']
         lines += [f'- {LABELS[s]} NFE {n}: {t:.0f} s' for (s, n), t in train_times.items()]
     with open(out, 'w') as f:
         f.write('\n'.join(lines) + '\n')

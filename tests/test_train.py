@@ -176,6 +176,14 @@ def test_training_options_come_from_the_config_then_the_command_line(tmp_path):
                                                                                    TRAIN_DEFAULTS['batch'], 'float64')
     with pytest.raises(UsageError, match='unknown key.*lrate'):
         resolve_options(dict(cfg, train={'lrate': 1}), {})
+    with pytest.raises(UsageError, match='unknown key.*rate'):
+        resolve_options(dict(cfg, train={'amed': {'rate': 1}}), {})
+    # The predictor's own subsection: AMED's network (AMED-Solver, the AMED plugins) vs EPD's tables.
+    per_kind = dict(cfg, train=dict(cfg['train'], amed={'lr': 0.02}))
+    assert resolve_options(per_kind, dict(sampler_stu='dpm'))['lr'] == 0.02
+    assert resolve_options(per_kind, dict(sampler_stu='ipndm'), plugin='amed')['lr'] == 0.02
+    assert resolve_options(per_kind, dict(sampler_stu='ipndm'))['lr'] == 0.3
+    assert resolve_options(per_kind, dict(sampler_stu='amed', lr=0.5))['lr'] == 0.5
     # The dry run shows what a user gets from the embedded default's config.
     result = run_cli(['train.py', '-n', '--M=4', f'--outdir={tmp_path}'])
     settings = json.loads(result.stdout)['settings']
