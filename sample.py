@@ -132,7 +132,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                     file=sys.stdout, dynamic_ncols=True)
     try:
         for chunk in chunks:
-            cap = batch_gpu or len(chunk)
+            cap = batch_gpu or max(1, len(chunk))   # a chunk may be empty: all its seeds already written
             for lo in range(0, len(chunk), cap):
                 part = chunk[lo:lo + cap]
                 gens = seed_generators(part, device)

@@ -109,3 +109,12 @@ def test_python_model_path(tmp_path):
     run_cli(['sample.py', '--model_path=python:tests.helpers_models:small_mixture', '--seeds=0-1',
              f'--outdir={tmp_path}', '--sampler_stu=euler', '--num_steps=3'])
     assert os.path.isfile(tmp_path / '000000' / '000000.png')
+
+
+def test_rerun_on_a_finished_folder_writes_nothing(tmp_path):
+    args = ['sample.py', '--dataset_name=gmm_2d', '--seeds=0-3', '--batch=4', f'--outdir={tmp_path}', '--grid=True']
+    run_cli(args)
+    before = read_tree(tmp_path)
+    result = run_cli(args)
+    assert 'images: 0 new, 4 already there' in result.stdout
+    assert read_tree(tmp_path) == before
