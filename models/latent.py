@@ -777,6 +777,25 @@ def load_dit(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.0, res
                    _vae_factor(vae), device)
 
 
+def _transformer_pipeline(model_path, family, class_name, single_file_config, default_config, dtype):
+    """(folder of the other components, transformer) of a two-text-encoder transformer pipeline (SD3, FLUX): from
+    a diffusers folder, or from a single transformer file with the rest from `single_file_config` (by default the
+    hub id `default_config(state)` picks from the file's weights)."""
+    needs = ('vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
+    if is_single_file(model_path):
+        state = read_single_file(model_path, family)
+        folder = single_file_folder(single_file_config or default_config(state), family, model_path, needs)
+        return folder, _single_file_transformer(class_name, state, folder, model_path, dtype)
+    folder = PipelineFolder(model_path, family)
+    folder.require('transformer', *needs)
+    return folder, folder.component('transformer', dtype)
+
+
+def _flux_hub_config(state):
+    guided = any('guidance_in.' in k or 'guidance_embedder.' in k for k in state)
+    return 'black-forest-labs/FLUX.1-dev' if guided else 'black-forest-labs/FLUX.1-schnell'
+
+
 def load_sd3(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.5, negative_prompt='', resolution=None,
              device=None, latent_scale=None, max_sequence_length=256, single_file_config=None, **config):
     """Stable Diffusion 3 from a diffusers folder/hub id, or a single original checkpoint (sd3_medium.safetensors,
@@ -784,15 +803,8 @@ def load_sd3(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.5, neg
     T5 (text_encoder_3) may be left out of the folder."""
     _check_options('sd3', config, ())
     dtype = parse_dtype(dtype)
-    needs = ('vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
-    if is_single_file(model_path):
-        state = read_single_file(model_path, 'sd3')
-        folder = single_file_folder(single_file_config or _sd3_hub_config(state), 'sd3', model_path, needs)
-        transformer = _single_file_transformer('SD3Transformer2DModel', state, folder, model_path, dtype)
-    else:
-        folder = PipelineFolder(model_path, 'sd3')
-        folder.require('transformer', *needs)
-        transformer = folder.component('transformer', dtype)
+    folder, transformer = _transformer_pipeline(model_path, 'sd3', 'SD3Transformer2DModel', single_file_config,
+                                                _sd3_hub_config, dtype)
     vae = folder.component('vae', dtype)
     encoders = [folder.component('text_encoder', dtype), folder.component('text_encoder_2', dtype),
                 folder.component('text_encoder_3', dtype) if folder.has('text_encoder_3') else None]
@@ -818,17 +830,8 @@ def load_flux(model_path, dtype=None, guidance_type='embedded', guidance_rate=3.
     latent token count when dynamic shifting is on (FLUX.1-dev), else its fixed shift."""
     _check_options('flux', config, ())
     dtype = parse_dtype(dtype)
-    needs = ('vae', 'scheduler', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')
-    if is_single_file(model_path):
-        state = read_single_file(model_path, 'flux')
-        guided = any('guidance_in.' in k or 'guidance_embedder.' in k for k in state)
-        hub = 'black-forest-labs/FLUX.1-dev' if guided else 'black-forest-labs/FLUX.1-schnell'
-        folder = single_file_folder(single_file_config or hub, 'flux', model_path, needs)
-        transformer = _single_file_transformer('FluxTransformer2DModel', state, folder, model_path, dtype)
-    else:
-        folder = PipelineFolder(model_path, 'flux')
-        folder.require('transformer', *needs)
-        transformer = folder.component('transformer', dtype)
+    folder, transformer = _transformer_pipeline(model_path, 'flux', 'FluxTransformer2DModel', single_file_config,
+                                                _flux_hub_config, dtype)
     vae = folder.component('vae', dtype)
     encoders = [folder.component('text_encoder', dtype), folder.component('text_encoder_2', dtype)]
     tokenizers = [folder.component('tokenizer'), folder.component('tokenizer_2')]
