@@ -35,22 +35,23 @@ def classical_settings(name, nfe):
     return nfe + 1, False
 
 
-def train_command(student, nfe, kimg, exps):
+def train_command(student, nfe, kimg, exps, extra=()):
     """train.py with the gmm_image config's training settings (what a user gets by default), into its own folder."""
     num_steps = (nfe + 1) // 2 + 1          # with AFS: 2 (N - 1) - 1 = nfe
     args = [sys.executable, os.path.join(ROOT, 'train.py'), f'--sampler_stu={student}', f'--num_steps={num_steps}',
             '--afs=True', f'--outdir={os.path.join(exps, f"{student}-nfe{nfe}")}']
-    return args + ([f'--total_kimg={kimg}'] if kimg else []) + (['--max_order=3'] if student == 'ipndm' else [])
+    return (args + ([f'--total_kimg={kimg}'] if kimg else []) + (['--max_order=3'] if student == 'ipndm' else [])
+            + list(extra))
 
 
-def train_all(jobs, kimg, exps, parallel):
+def train_all(jobs, kimg, exps, parallel, command=train_command):
     """Run the trainings, `parallel` at a time (each on one thread then); returns their wall times."""
     env = dict(os.environ, OMP_NUM_THREADS='1') if parallel > 1 else dict(os.environ)
     pending, running, seconds = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
-            running[job] = (subprocess.Popen(train_command(*job, kimg, exps), cwd=ROOT, env=env,
+            running[job] = (subprocess.Popen(command(*job, kimg, exps), cwd=ROOT, env=env,
                                              stdout=subprocess.DEVNULL), time.time())
         time.sleep(1)
         for job, (proc, start) in list(running.items()):
@@ -68,6 +69,15 @@ def find_predictor(folder, student, nfe):
         if meta['sampler_stu'] == student and 2 * (meta['num_steps'] - 1) - meta['afs'] == nfe:
             return os.path.dirname(meta_path)
     return None
+
+
+def held_out(net, num_eval):
+    """Held-out latents and their exact ODE solutions (seeded apart from training: train.py draws from (seed, it, i))."""
+    g = torch.Generator().manual_seed(2**31 - 1)
+    z = torch.randn(num_eval, *net.sample_shape, generator=g, dtype=torch.float64)
+    exact = torch.cat([solvers.solve_exact(net, part * net.sigma_max, net.sigma_max, net.sigma_min, rtol=1e-9,
+                                           atol=1e-9) for part in z.split(256)])
+    return z, exact
 
 
 def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
@@ -91,10 +101,7 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
     nfes = [int(v) for v in nfes.split(',')]
     students = students.split(',')
     net = image_mixture()
-    g = torch.Generator().manual_seed(2**31 - 1)          # not a training seed: train.py draws from (seed, it, i)
-    z = torch.randn(num_eval, *net.sample_shape, generator=g, dtype=torch.float64)
-    exact = torch.cat([solvers.solve_exact(net, part * net.sigma_max, net.sigma_max, net.sigma_min, rtol=1e-9,
-                                           atol=1e-9) for part in z.split(256)])
+    z, exact = held_out(net, num_eval)
     per_sample = lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
     rows = {}
     todo = [(s, n) for n in nfes for s in students if not (reuse and find_predictor(reuse, s, n))]
