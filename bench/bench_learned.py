@@ -72,12 +72,23 @@ def find_predictor(folder, student, nfe):
 
 
 def held_out(net, num_eval):
-    """Held-out latents and their exact ODE solutions (seeded apart from training: train.py draws from (seed, it, i))."""
+    """Held-out latents (seeded apart from training: train.py draws from (seed, it, i)) and a function giving each
+    sample's RMSE per pixel to the exact ODE solution from them."""
     g = torch.Generator().manual_seed(2**31 - 1)
     z = torch.randn(num_eval, *net.sample_shape, generator=g, dtype=torch.float64)
     exact = torch.cat([solvers.solve_exact(net, part * net.sigma_max, net.sigma_max, net.sigma_min, rtol=1e-9,
                                            atol=1e-9) for part in z.split(256)])
-    return z, exact
+    return z, lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
+
+
+def classical_errors(net, z, nfe, per_sample):
+    """Per-sample errors of every classical solver x schedule at this NFE, keyed 'name (schedule)'."""
+    errors = {}
+    for name in sorted(solvers.SOLVERS):
+        steps, afs = classical_settings(name, nfe)
+        for schedule, rho in SCHEDULES:
+            errors[f'{name} ({schedule})'] = per_sample(solvers.sample(net, z, name, steps, schedule, rho, afs=afs))
+    return errors
 
 
 def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
@@ -101,8 +112,7 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
     nfes = [int(v) for v in nfes.split(',')]
     students = students.split(',')
     net = image_mixture()
-    z, exact = held_out(net, num_eval)
-    per_sample = lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
+    z, per_sample = held_out(net, num_eval)
     rows = {}
     todo = [(s, n) for n in nfes for s in students if not (reuse and find_predictor(reuse, s, n))]
     train_all(todo, kimg, exps, jobs)
@@ -117,11 +127,8 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
             with torch.no_grad():
                 rows.setdefault(LABELS[student], {})[nfe] = per_sample(pred.sample(net, z))
             print(f'{LABELS[student]} NFE {nfe}: {rows[LABELS[student]][nfe].mean():.5f} ({folder})', flush=True)
-        for name in sorted(solvers.SOLVERS):
-            steps, afs = classical_settings(name, nfe)
-            for schedule, rho in SCHEDULES:
-                rows.setdefault(f'{name} ({schedule})', {})[nfe] = per_sample(
-                    solvers.sample(net, z, name, steps, schedule, rho, afs=afs))
+        for label, errors in classical_errors(net, z, nfe, per_sample).items():
+            rows.setdefault(label, {})[nfe] = errors
     lines = ['# Learned solvers against classical solvers', '',
              'RMSE per pixel against the exact ODE solution of the image-shaped analytic mixture (sigma 80 -> 0.002),',
              f'mean over {num_eval} held-out samples. NFE = sequential denoiser rounds (EPD/AMED evaluate their parallel',

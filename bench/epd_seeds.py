@@ -7,7 +7,6 @@ against the exact ODE solution on bench_learned's held-out samples, next to the 
         --variant="poly5=--schedule_type=polynomial --schedule_rho=5" --jobs=2 --out=docs/epd_seeds.md
 """
 import json
-import math
 import os
 import shlex
 import sys
@@ -16,9 +15,8 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_learned import (ROOT, SCHEDULES, bootstrap_ratio, classical_settings, find_predictor, held_out,  # noqa: E402
-                           train_all, train_command)
-import solvers        # noqa: E402
+from bench_learned import (ROOT, bootstrap_ratio, classical_errors, find_predictor, held_out, train_all,  # noqa: E402
+                           train_command)
 import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
@@ -44,13 +42,8 @@ def main(nfe, seeds, variants, num_eval, exps, jobs, out):
     train_all(todo, None, exps, jobs, command=command)          # a rerun reuses the predictors already trained
 
     net = image_mixture()
-    z, exact = held_out(net, num_eval)
-    per_sample = lambda x: (x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel())
-    classical = {}
-    for name in sorted(solvers.SOLVERS):
-        steps, afs = classical_settings(name, nfe)
-        for schedule, rho in SCHEDULES:
-            classical[f'{name} ({schedule})'] = per_sample(solvers.sample(net, z, name, steps, schedule, rho, afs=afs))
+    z, per_sample = held_out(net, num_eval)
+    classical = classical_errors(net, z, nfe, per_sample)
     best = min(classical, key=lambda k: classical[k].mean())
     base = classical[best]
     lines = ['# EPD across training seeds', '',
