@@ -91,6 +91,24 @@ def classical_errors(net, z, nfe, per_sample):
     return errors
 
 
+NOTES_MARKER = '<!-- Written by hand from here on; regenerating the page keeps it. -->'
+
+
+def write_report(out, lines):
+    """Write the generated lines to out, keeping any hand-written notes below NOTES_MARKER in the existing file;
+    through a temporary name, so an interrupted run leaves the old page whole."""
+    notes = ''
+    if os.path.exists(out):
+        with open(out) as f:
+            old = f.read()
+        if NOTES_MARKER in old:
+            notes = '\n' + old[old.index(NOTES_MARKER):]
+    tmp = out + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write('\n'.join(lines) + '\n' + notes)
+    os.replace(tmp, out)
+
+
 def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
     """95% interval of mean(err_a) / mean(err_b) over resamplings of the held-out samples (paired)."""
     g = torch.Generator().manual_seed(seed)
@@ -169,8 +187,7 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
         where = f'{jobs} trainings at a time, one thread each' if jobs > 1 else 'one training at a time'
         lines += ['', f'## Training time (2 CPU cores, {where}; from each run\'s stats.jsonl)', '']
         lines += [f'- {LABELS[s]} NFE {n}: {t:.0f} s' for (s, n), t in train_times.items()]
-    with open(out, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    write_report(out, lines)
     print('\n'.join(lines))
 
 

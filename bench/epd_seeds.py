@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_learned import (ROOT, bootstrap_ratio, classical_errors, find_predictor, held_out, train_all,  # noqa: E402
-                           train_command)
+                           train_command, write_report)
 import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
@@ -73,10 +73,7 @@ def main(nfe, seeds, variants, num_eval, exps, jobs, out):
     lines += [f'- {name}: ratio to the best classical solver over seeds: median {torch.tensor(r).median():.2f}, '
               f'range {min(r):.2f}-{max(r):.2f}; at most 0.5 in {sum(v <= 0.5 for v in r)} of {len(r)} seeds'
               for name, r in ratios.items()]
-    tmp = out + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    os.replace(tmp, out)
+    write_report(out, lines)
     print('\n'.join(lines[-len(ratios):]))
 
 

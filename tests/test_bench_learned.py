@@ -18,7 +18,13 @@ def test_epd_seeds_bench_trains_each_seed_and_reports_it(tmp_path):
     options = [json.loads(p.read_text()) for p in sorted((tmp_path / 'exps').glob('*/*/*/training_options.json'))]
     assert [o['seed'] for o in options] == [0, 1]
     assert rows[0][2] != rows[1][2]
-    # A rerun reuses the trained predictors and reports the same figures.
+    # A rerun reuses the trained predictors, reports the same figures and keeps the notes written by hand below
+    # the marker.
+    from bench.bench_learned import NOTES_MARKER
+    notes = f'{NOTES_MARKER}\n\n## What these mean\n\nseed 1 is worse.\n'
     first = out.read_text()
+    out.write_text(first + '\n' + notes)
     run_cli(args)
-    assert out.read_text() == first and len(list((tmp_path / 'exps').glob('*/*/*/predictor.json'))) == 2
+    assert out.read_text() == first + '\n' + notes
+    assert len(list((tmp_path / 'exps').glob('*/*/*/predictor.json'))) == 2
+    assert not list(tmp_path.glob('*.tmp'))

@@ -184,10 +184,15 @@ def test_training_options_come_from_the_config_then_the_command_line(tmp_path):
     assert resolve_options(per_kind, dict(sampler_stu='ipndm'), plugin='amed')['lr'] == 0.02
     assert resolve_options(per_kind, dict(sampler_stu='ipndm'))['lr'] == 0.3
     assert resolve_options(per_kind, dict(sampler_stu='amed', lr=0.5))['lr'] == 0.5
-    # The dry run shows what a user gets from the embedded default's config.
-    result = run_cli(['train.py', '-n', '--M=4', f'--outdir={tmp_path}'])
-    settings = json.loads(result.stdout)['settings']
-    assert (settings['M'], settings['loss'], settings['schedule_type']) == (4, 'rmse', 'logsnr')
+    # The dry run shows what a user gets from the embedded default's config: EPD's subsection sets its
+    # own grid and scale ranges, AMED keeps the section's and takes its own learning rate.
+    def dry_run(*args):
+        shown = json.loads(run_cli(['train.py', '-n', '--M=4', f'--outdir={tmp_path}', *args]).stdout)
+        s = shown['settings']
+        return s['M'], s['loss'], s['schedule_type'], s['schedule_rho'], s['scale_dir'], shown['lr']
+    assert dry_run() == (4, 'rmse', 'polynomial', 20, 0.5, 0.1)
+    assert dry_run('--sampler_stu=amed') == (4, 'rmse', 'logsnr', 1, 0.3, 0.01)
+    assert dry_run('--schedule_rho=7')[3] == 7
 
 
 def test_rmse_objective_is_the_final_error_to_the_exact_solution(gmm_image):
