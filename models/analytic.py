@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from models.base import Denoiser, pooled_feature
+from models.base import Denoiser, broadcast_sigma, pooled_feature
 
 
 class GaussianMixture(Denoiser):
@@ -53,40 +53,59 @@ class GaussianMixture(Denoiser):
         return -0.5 * (maha + logdet + d * math.log(2 * math.pi)), proj, iso_tot, sub_tot
 
     def denoise(self, x, sigma, cond=None):
-        """sum_k p(k | x) [mu_k + g_k (x - mu_k) + U_k G_k U_k^T (x - mu_k)], with g_k = s2_k / (s2_k + sigma^2)
-        on the isotropic part and G_k the extra gain along U_k; summed over k before touching d-sized vectors."""
-        shape, dt = x.shape, x.dtype
-        flat = x.reshape(shape[0], -1)
+        flat = x.reshape(x.shape[0], -1)
+        denoised = self._posterior_mean(flat, sigma, self.log_weights).reshape(x.shape)
+        return denoised, self._feature(denoised)
+
+    def _posterior_mean(self, flat, sigma, log_prior):
+        """sum_k p(k | x) [mu_k + g_k (x - mu_k) + U_k G_k U_k^T (x - mu_k)] for flat x [B, d] and component log
+        priors [K] or [B, K], with g_k = s2_k / (s2_k + sigma^2) on the isotropic part and G_k the extra gain
+        along U_k; summed over k before touching d-sized vectors."""
+        dt = flat.dtype
         loglik, proj, iso_tot, sub_tot = self._loglik(flat, sigma)
-        resp = torch.softmax(loglik + self.log_weights, dim=1)                       # [B, K] float64
+        resp = torch.softmax(loglik + log_prior, dim=1)                              # [B, K] float64
         iso_gain = self.iso_vars / iso_tot                                            # [B, K]
         sub_gain = (self.eigvals + self.iso_vars[:, None]) / sub_tot - iso_gain[..., None]   # [B, K, r]
         K, d, r = self.bases.shape
         coef = (resp[..., None] * sub_gain * proj).to(dt).reshape(-1, K * r)
-        denoised = ((resp * iso_gain).sum(1, keepdim=True).to(dt) * flat + (resp * (1 - iso_gain)).to(dt)
-                    @ self.means.to(dt) + coef @ self.bases_rows.to(dt))
-        denoised = denoised.reshape(shape)
-        return denoised, pooled_feature(denoised) if len(shape) == 4 else denoised.reshape(shape[0], -1)
+        return ((resp * iso_gain).sum(1, keepdim=True).to(dt) * flat + (resp * (1 - iso_gain)).to(dt)
+                @ self.means.to(dt) + coef @ self.bases_rows.to(dt))
 
-    # -- exact data statistics and sampling ----------------------------------------------------------------
-    def log_density(self, x, sigma=0.0):
-        """log p_sigma(x) of the (noised) data distribution, for x of shape [B, *sample_shape]."""
+    def _feature(self, denoised):
+        return pooled_feature(denoised) if denoised.ndim == 4 else denoised.reshape(denoised.shape[0], -1)
+
+    # -- exact data statistics and sampling (label: one class of a conditional mixture; None: all data) ------
+    def _component_log_prior(self, cond, batch):
+        """log prior of each component per sample, [B, K]."""
+        return self.log_weights.expand(batch, -1)
+
+    def _class_weights(self, label):
+        """Component weights of the data (label None) or of one class, [K]."""
+        if label is not None:
+            raise ValueError(f"{self.name} is unconditional: it has no class {label}")
+        return self.log_weights.exp()
+
+    def log_density(self, x, sigma=0.0, cond=None):
+        """log p_sigma(x) of the (noised) data distribution, or log p_sigma(x | class weights cond), for x of
+        shape [B, *sample_shape]."""
         flat = x.reshape(x.shape[0], -1)
         loglik = self._loglik(flat, torch.full((x.shape[0],), float(sigma), dtype=torch.float64,
                                                device=x.device))[0]
-        return torch.logsumexp(loglik + self.log_weights, dim=1).to(x.dtype)
+        return torch.logsumexp(loglik + self._component_log_prior(cond, x.shape[0]), dim=1).to(x.dtype)
 
-    def data_mean(self):
-        w = self.log_weights.exp()
-        return w @ self.means                                                  # [d] float64
+    def data_mean(self, label=None):
+        """Exact mean of the data distribution (or of one class), [d] float64."""
+        return self._class_weights(label) @ self.means
 
-    def data_covariance(self):
-        """Exact covariance of the data distribution, [d, d] float64."""
-        w = self.log_weights.exp()
-        mean = self.data_mean()
+    def data_covariance(self, label=None):
+        """Exact covariance of the data distribution (or of one class), [d, d] float64."""
+        return self._mixture_covariance(self._class_weights(label))
+
+    def _mixture_covariance(self, w):
+        mean = w @ self.means
         d = self.means.shape[1]
         cov = torch.zeros(d, d, dtype=torch.float64, device=self.means.device)
-        for k in range(len(w)):
+        for k in torch.nonzero(w).reshape(-1).tolist():
             U = self.bases[k]
             comp = (U * self.eigvals[k]) @ U.T + self.iso_vars[k] * torch.eye(d, dtype=torch.float64,
                                                                               device=U.device)
@@ -94,15 +113,115 @@ class GaussianMixture(Denoiser):
             cov += w[k] * (comp + torch.outer(dm, dm))
         return cov
 
-    def sample_data(self, n, generator=None, device='cpu'):
-        """n exact samples of the data distribution, [n, *sample_shape] float64."""
+    def sample_data(self, n, generator=None, device='cpu', label=None):
+        """n exact samples of the data distribution (or of one class), [n, *sample_shape] float64."""
+        return self._sample_components(self._class_weights(label), n, generator, device)
+
+    def _sample_components(self, w, n, generator, device):
         K, d, r = self.bases.shape
-        comp = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=generator)
+        comp = torch.multinomial(w.cpu(), n, replacement=True, generator=generator)
         z_sub = torch.randn(n, r, dtype=torch.float64, generator=generator)
         z_iso = torch.randn(n, d, dtype=torch.float64, generator=generator)
         U, lam, s2 = self.bases.cpu()[comp], self.eigvals.cpu()[comp], self.iso_vars.cpu()[comp]
         x = self.means.cpu()[comp] + torch.einsum('ndr,nr->nd', U, lam.sqrt() * z_sub) + s2.sqrt()[:, None] * z_iso
         return x.reshape(n, *self.sample_shape).to(device)
+
+
+class ConditionalMixture(GaussianMixture):
+    """A class-conditional Gaussian mixture: component k belongs to class labels[k]. Exact for every condition:
+
+    - cond: [B, L] class weights per sample (one-hot for a class; None: the unconditional model). The component
+      prior becomes w_k / W_{y_k} * cond[y_k] (W_y the class's total weight), so a one-hot row gives
+      p(x | y) and the class prior W gives p(x).
+    - guidance_type 'cfg': D_u + w (D_c - D_u), one batched call on [x; x] as for real models; w = 1 is the
+      conditional model, w = 0 the unconditional one.
+    - guidance_type 'cg': D_c + w sigma^2 grad_x log p(y | x_sigma), the gradient of the exact class posterior
+      taken by autograd (as a noise-aware classifier's would be).
+    - guidance_type 'uncond' (or None without labels): the unconditional model.
+    """
+    GUIDANCE_TYPES = (None, 'cfg', 'cg', 'uncond')
+
+    def __init__(self, means, bases, eigvals, iso_vars, weights, labels, sample_shape, guidance_type=None,
+                 guidance_rate=1.0, class_names=None, **kwargs):
+        super().__init__(means, bases, eigvals, iso_vars, weights, sample_shape, **kwargs)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        self.label_dim = int(labels.max()) + 1
+        self.register_buffer('labels', labels)                                          # [K]
+        self.register_buffer('class_onehot', torch.nn.functional.one_hot(labels, self.label_dim).to(torch.float64))
+        self.register_buffer('log_class_weights', torch.logsumexp(                     # [L]
+            self.log_weights[:, None] + torch.log(self.class_onehot), dim=0))
+        if guidance_type in ('none', 'None', ''):
+            guidance_type = None
+        if guidance_type not in self.GUIDANCE_TYPES:
+            from models import ModelError
+            raise ModelError(f"guidance_type={guidance_type!r} is not supported by {self.name}; use cfg, cg, "
+                             "uncond or none")
+        self.guidance_type = guidance_type
+        self.guidance_rate = 1.0 if guidance_rate is None else float(guidance_rate)
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.label_dim)]
+
+    def class_prior(self):
+        """p(y), [L] float64."""
+        return self.log_class_weights.exp()
+
+    def _component_log_prior(self, cond, batch):
+        """log prior of each component per sample [B, K] for class weights cond [B, L] (None: unconditional)."""
+        if cond is None:
+            return self.log_weights.expand(batch, -1)
+        cond = torch.as_tensor(cond, device=self.means.device).to(torch.float64).reshape(batch, self.label_dim)
+        within = self.log_weights - self.log_class_weights[self.labels]               # log w_k / W_{y_k}
+        return within + torch.log(cond @ self.class_onehot.T)
+
+    def _denoise_given(self, x, sigma, cond):
+        flat = x.reshape(x.shape[0], -1)
+        return self._posterior_mean(flat, sigma, self._component_log_prior(cond, x.shape[0])).reshape(x.shape)
+
+    def denoise(self, x, sigma, cond=None):
+        kind = self.guidance_type if cond is not None else 'uncond'
+        w = self.guidance_rate
+        if kind == 'cfg' and w != 1:
+            B = x.shape[0]
+            prior = self.class_prior().to(x.device).expand(B, -1)
+            both = self._denoise_given(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([
+                torch.as_tensor(cond, device=x.device).to(torch.float64).reshape(B, -1), prior]))
+            d_c, d_u = both[:B], both[B:]
+            denoised = d_u + w * (d_c - d_u)
+        elif kind == 'uncond':
+            denoised = self._denoise_given(x, sigma, None)
+        else:
+            denoised = self._denoise_given(x, sigma, cond)
+            if kind == 'cg' and w != 0:
+                denoised = denoised + w * broadcast_sigma(sigma, x).reshape(-1, *[1] * (x.ndim - 1)) ** 2 * \
+                    self.class_log_posterior_grad(x, sigma, cond)
+        return denoised, self._feature(denoised)
+
+    # -- exact class posterior, log-density, statistics and samples per class ----------------------------------
+    def class_log_posterior(self, x, sigma=0.0):
+        """log p(y | x_sigma) for every class, [B, L] float64: the exact (noise-aware) classifier."""
+        flat = x.reshape(x.shape[0], -1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        joint = self._loglik(flat, sigma)[0] + self.log_weights                        # [B, K]
+        per_class = torch.logsumexp(joint[:, :, None] + torch.log(self.class_onehot), dim=1)   # [B, L]
+        return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
+
+    def class_log_posterior_grad(self, x, sigma, cond):
+        """grad_x sum_y cond[y] log p(y | x_sigma), by autograd (differentiable itself when x requires grad)."""
+        with torch.enable_grad():
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            cond64 = torch.as_tensor(cond, device=x.device).to(torch.float64).reshape(x.shape[0], -1)
+            objective = (self.class_log_posterior(xr, sigma) * cond64).sum()
+            grad, = torch.autograd.grad(objective, xr, create_graph=x.requires_grad)
+        return grad.to(x.dtype)
+
+    def _class_weights(self, label):
+        if label is None:
+            return self.log_weights.exp()
+        return self.log_weights.exp() * self.class_onehot[:, label] / self.log_class_weights[label].exp()
+
+    def sample_labels(self, generator, device):
+        """One label per sample from its own generator, drawn from the class prior."""
+        idx = torch.multinomial(self.class_prior().to(device), 1, generator=generator)
+        return torch.nn.functional.one_hot(idx, self.label_dim)[0].float()
 
 
 # -- the embedded analytic datasets --------------------------------------------------------------------------
@@ -152,13 +271,82 @@ def planar_mixture(sigma_min=0.002, sigma_max=80.0):
                            name='gmm_2d')
 
 
-PRESETS = {'gmm_image': image_mixture, 'gmm_2d': planar_mixture}
+def _glyph(text, size, stroke, dx, dy, res, supersample=4):
+    """A white-on-black rendering of `text` with Pillow's built-in font, centred and shifted by (dx, dy) pixels,
+    antialiased by supersampling; [res, res] float64 in [0, 1]."""
+    import PIL.Image
+    import PIL.ImageDraw
+    import PIL.ImageFont
+    big = res * supersample
+    image = PIL.Image.new('L', (big, big), 0)
+    draw = PIL.ImageDraw.Draw(image)
+    font = PIL.ImageFont.load_default(size=size * supersample)
+    box = draw.textbbox((0, 0), text, font=font, stroke_width=stroke * supersample)
+    x = (big - (box[2] - box[0])) / 2 - box[0] + dx * supersample
+    y = (big - (box[3] - box[1])) / 2 - box[1] + dy * supersample
+    draw.text((x, y), text, fill=255, font=font, stroke_width=stroke * supersample, stroke_fill=255)
+    return np.asarray(image.resize((res, res), PIL.Image.LANCZOS), dtype=np.float64) / 255
+
+
+def digit_mixture(components_per_class=4, rank=8, size=32, seed=7, sigma_min=0.002, sigma_max=80.0,
+                  guidance_type=None, guidance_rate=1.0):
+    """Class-conditional 3 x size x size mixture of the digits 0-9 (ten equally likely classes). Each class has
+    components_per_class styles (glyph size, stroke width, position, glyph and background colour), drawn with
+    Pillow's built-in font. Each component's covariance spans, besides an isotropic floor, the directions a
+    person would call the same digit: sub-pixel shifts (the mean's spatial derivatives, std ~0.7 px), glyph
+    brightness, a background tint, and smooth colour fields."""
+    rng = np.random.default_rng(seed)
+    d = 3 * size * size
+    means, bases, eigvals, labels = [], [], [], []
+    for digit in range(10):
+        for _ in range(components_per_class):
+            glyph_px = rng.uniform(0.62, 0.82) * size
+            stroke = int(rng.integers(0, 2))
+            dx, dy = rng.uniform(-0.12, 0.12, 2) * size
+            mask = _glyph(str(digit), round(glyph_px), stroke, dx, dy, size)
+            hue = rng.uniform(0, 2 * np.pi)
+            fg = 0.55 + 0.4 * np.cos(hue + np.array([0, 2.1, 4.2]))             # a bright colour, in [0.15, 0.95]
+            bg = -0.85 + 0.12 * rng.uniform(-1, 1, 3)                            # a dark tint
+            mean = bg[:, None, None] + mask[None] * (fg - bg)[:, None, None]    # [3, size, size] in [-1, 1]
+            gy, gx = np.gradient(mean, axis=(1, 2))
+            dirs, stds = [gx, gy], [0.7, 0.7]                                   # sub-pixel shifts
+            dirs.append(mask[None] * (fg - bg)[:, None, None]); stds.append(0.12)   # glyph brightness
+            dirs.append((1 - mask)[None] * np.ones((3, 1, 1))); stds.append(0.08)   # background brightness
+            for f in _smooth_fields(rng, max(rank - len(dirs), 0), 3, size, cutoff=3):
+                dirs.append(f / np.sqrt((f ** 2).mean())); stds.append(0.04)     # per-pixel std 0.04
+            dirs, stds = dirs[:rank], stds[:rank]
+            raw = np.stack([v.reshape(d) for v in dirs], 1)                      # [d, rank]
+            q, _ = np.linalg.qr(raw)
+            bases.append(q)
+            eigvals.append((np.array(stds) * np.linalg.norm(raw, axis=0)) ** 2)
+            means.append(mean.reshape(d))
+            labels.append(digit)
+    K = len(means)
+    iso_vars = rng.uniform(0.5, 1.5, K) * 1e-3
+    weights = np.concatenate([rng.dirichlet(np.full(components_per_class, 5.0)) for _ in range(10)]) / 10
+    return ConditionalMixture(np.stack(means), np.stack(bases), np.stack(eigvals), iso_vars, weights, labels,
+                              (3, size, size), guidance_type=guidance_type, guidance_rate=guidance_rate,
+                              sigma_min=sigma_min, sigma_max=sigma_max, name='gmm_digits')
+
+
+PRESETS = {'gmm_image': image_mixture, 'gmm_2d': planar_mixture, 'gmm_digits': digit_mixture}
 
 
 def load(model_path=None, preset='gmm_image', **options):
     """Family loader for 'analytic': the model is built from code, so model_path names the preset if given."""
+    import inspect
+    from models import ModelError
     name = model_path or preset
     if name not in PRESETS:
-        from models import ModelError
         raise ModelError(f"unknown analytic model {name!r}; known: {', '.join(PRESETS)}")
+    accepted = inspect.signature(PRESETS[name]).parameters
+    guidance = {k: v for k, v in options.items() if k.startswith('guidance_') and v not in (None, 'none', 'None')}
+    if guidance and 'guidance_type' not in accepted:
+        raise ModelError(f"{name} is unconditional: it takes no guidance ({', '.join(sorted(guidance))}); drop the "
+                         "guidance options or use the conditional gmm_digits")
+    options = {k: v for k, v in options.items() if k in accepted or k not in ('guidance_type', 'guidance_rate')}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ModelError(f"unknown option(s) {', '.join(unknown)} for the analytic model {name}; allowed: "
+                         f"{', '.join(accepted)}")
     return PRESETS[name](**options)
