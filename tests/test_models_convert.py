@@ -489,8 +489,14 @@ def test_load_ldm_from_compvis_checkpoint(compvis, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['ldm-diffusers']  # no temporary folder left behind
     folder_net = models.load_denoiser(model_path=str(dest), family='ldm')
     assert folder_net.latent_scale == 1.0
+    # the weights are the same bits; the outputs agree to float rounding (a reloaded tensor's memory layout
+    # can select a different convolution kernel, so bitwise equality of outputs is not a property of the file)
+    ours, theirs = folder_net.network.state_dict(), net.network.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
     with torch.no_grad():
-        torch.testing.assert_close(folder_net(x, sigma), net(x, sigma), atol=0, rtol=0)
+        torch.testing.assert_close(folder_net(x, sigma), net(x, sigma), atol=1e-5, rtol=1e-5)
     result = CliRunner().invoke(lc.main, [f'--src={compvis["ckpt"]}', f'--dest={dest}'])
     assert result.exit_code != 0 and 'exists' in result.output
 
