@@ -21,6 +21,7 @@ import solvers
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
+from torch_utils.run_options import check_outdir, file_digest
 
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -197,7 +198,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Total batch size over all workers')
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap')
 @click.option('--seeds', metavar='LIST', default='0-63', help="Seeds, e.g. '0-63' or '1,5,10-19'")
-@click.option('--outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN]')
+@click.option('--outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN_SCHEDULE, predictors: KIND-..._HASH]')
 @click.option('--subdirs', metavar='BOOL', type=bool, default=True, help='1000 images a folder')
 @click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write grid.png of the first 64 images')
 @click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
@@ -271,9 +272,23 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
         prompts = load_prompt_source(prompt=prompt, prompt_file=prompt_file, dataset_name=dataset_name)
     elif prompt is not None or prompt_file is not None:
         raise UsageError(f"--prompt/--prompt_file given, but {dataset_name} is not a text-to-image model")
+    # Everything that changes a pixel: a folder holds images of one such setting only.
+    image_settings = dict(dataset_name=dataset_name, model=model_path or cfg['model'],
+                          guidance_type=guidance_type, guidance_rate=guidance_rate, class_idx=class_idx,
+                          prompt=prompt, prompt_file=file_digest([prompt_file]) if prompt_file else None,
+                          settings=dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
+                                        sigma_max=settings.get('sigma_max') or net.sigma_max))
+    if predictor is not None:
+        folder = training.resolve_predictor_path(predictor_path)
+        image_settings['predictor'] = file_digest([os.path.join(folder, training.SETTINGS_FILE),
+                                                   os.path.join(folder, training.PREDICTOR_FILE)])
     if outdir is None:
         nfe = predictor.nfe() if predictor is not None else solvers.nfe_formula(**settings)
-        outdir = os.path.join('samples', dataset_name, f"{settings['solver']}_nfe{nfe}")
+        name = f"{settings['solver']}_nfe{nfe}_{settings['schedule_type']}"
+        if predictor is not None:
+            name = f"{predictor.kind}-{name}_{image_settings['predictor']}"
+        outdir = os.path.join('samples', dataset_name, name)
+    check_outdir(outdir, image_settings)
     if dist.get_rank() == 0:
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -283,7 +298,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
         except OSError as e:
             raise UsageError(f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder")
         options = dict(dataset_name=dataset_name, model_path=model_path, predictor_path=predictor_path,
-                       seeds=seeds, batch=batch, settings=settings)
+                       seeds=seeds, batch=batch, settings=settings, images=image_settings)
         atomic_write(os.path.join(outdir, 'sample_options.json'),
                      json.dumps(options, indent=2, default=str).encode())
     dist.barrier()

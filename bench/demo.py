@@ -50,7 +50,8 @@ def main(kimg, num_eval, num_fd, predictor):
             *([f'--total_kimg={kimg}'] if kimg else []))
         predictor = sorted(set(glob.glob(os.path.join(ROOT, 'exps', '0*'))) - before)[-1]
     pred = training.load_predictor(predictor)
-    outdir = os.path.join('samples', 'demo-epd')
+    # one folder per predictor: a folder only ever holds the images of one setting
+    outdir = os.path.join('samples', f'demo-epd-{os.path.basename(os.path.normpath(predictor))}')
     cli('sample.py', f'--predictor_path={predictor}', '--seeds=0-63', '--batch=64', f'--outdir={outdir}',
         '--grid=True')
 

@@ -118,3 +118,57 @@ def test_rerun_on_a_finished_folder_writes_nothing(tmp_path):
     result = run_cli(args)
     assert 'images: 0 new, 4 already there' in result.stdout
     assert read_tree(tmp_path) == before
+
+
+def _refusal(result, setting):
+    assert result.returncode != 0, result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('sample.py: error:') and f'made with {setting}=' in last and 'another --outdir' in last, \
+        result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_folder_of_other_settings_is_refused(tmp_path):
+    base = ['sample.py', '--dataset_name=gmm_2d', '--seeds=0-1', f'--outdir={tmp_path}', '--sampler_stu=dpmpp',
+            '--num_steps=6']
+    run_cli(base + ['--schedule_type=logsnr'])
+    before = read_tree(tmp_path)
+    options = (tmp_path / 'sample_options.json').read_text()
+    _refusal(run_cli(base, check=False), 'settings')
+    assert 'schedule_type' in run_cli(base, check=False).stderr
+    _refusal(run_cli(base[:-2] + ['--sampler_stu=ipndm', '--num_steps=6', '--schedule_type=logsnr'], check=False),
+             'settings')
+    _refusal(run_cli(base + ['--schedule_type=logsnr', '--afs=True'], check=False), 'settings')
+    # Nothing was added or rewritten by the refused runs; the same settings extend the folder.
+    assert read_tree(tmp_path) == before and (tmp_path / 'sample_options.json').read_text() == options
+    result = run_cli(base + ['--schedule_type=logsnr', '--seeds=0-3'])
+    assert 'images: 2 new, 2 already there' in result.stdout
+
+
+def test_folder_without_recorded_settings_is_refused(tmp_path):
+    (tmp_path / 'sample_options.json').write_text(json.dumps(dict(settings=dict(solver='euler'))))
+    result = run_cli(['sample.py', '--dataset_name=gmm_2d', '--seeds=0-1', f'--outdir={tmp_path}'], check=False)
+    assert result.returncode != 0 and 'were not recorded; choose another --outdir' in result.stderr
+
+
+def test_default_folder_names_schedule_and_predictor(tmp_path):
+    import training
+    from tests.test_train import epd_settings
+    from training.predictors import EPDPredictor
+    base = ['sample.py', '--dataset_name=gmm_2d', '--seeds=0-1', '--sampler_stu=dpmpp', '--num_steps=6']
+    run_cli(base + ['--schedule_type=logsnr'], cwd=tmp_path)
+    run_cli(base, cwd=tmp_path)
+    assert sorted(os.listdir(tmp_path / 'samples' / 'gmm_2d')) == ['dpmpp_nfe5_logsnr', 'dpmpp_nfe5_polynomial']
+    # Two predictors of the same kind and steps: different folders; an explicit shared folder is refused.
+    for i in (1, 2):
+        training.save_predictor(EPDPredictor(epd_settings(dataset_name='gmm_2d', sample_shape=[2, 1, 1],
+                                                          scale_dir=0.01 * i)), tmp_path / f'p{i}')
+        run_cli(['sample.py', f'--predictor_path={tmp_path / f"p{i}"}', '--seeds=0-1'], cwd=tmp_path)
+    names = sorted(os.listdir(tmp_path / 'samples' / 'gmm_2d'))
+    epd = [n for n in names if n.startswith('epd-')]
+    assert len(epd) == 2 and all(n.startswith('epd-epd_nfe6_polynomial_') for n in epd), names
+    shared = ['sample.py', '--seeds=0-1', f'--outdir={tmp_path / "shared"}']
+    run_cli(shared + [f'--predictor_path={tmp_path / "p1"}'])
+    _refusal(run_cli(shared + [f'--predictor_path={tmp_path / "p2"}'], check=False), 'predictor')
+    # A classical solver into a predictor's folder: refused too.
+    _refusal(run_cli(shared + ['--dataset_name=gmm_2d', '--sampler_stu=euler'], check=False), 'predictor')
