@@ -91,6 +91,18 @@ def resolve_settings(cfg, overrides):
     return settings
 
 
+def parse_t_steps(text):
+    """'[80,10.98,...,0.002]' -> a list of floats, strictly decreasing and positive (else UsageError)."""
+    try:
+        grid = [float(v) for v in text.strip().strip('[]').split(',') if v.strip()]
+    except ValueError:
+        grid = None
+    if not grid or len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])) or grid[-1] <= 0:
+        raise UsageError(f"--t_steps={text!r} must list at least 2 strictly decreasing positive noise levels, "
+                         "e.g. --t_steps=\"[80,10.98,3.88,1.58,0.57,0.17,0.002]\"")
+    return grid
+
+
 def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
     kwargs = dict(cfg['model'])
     if model_path is not None:
@@ -122,6 +134,8 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                                            'variant', 'sigma_min', 'sigma_max') if k in settings}
     if predictor is not None:
         sigmas = predictor.schedule(net)
+    elif settings.get('t_steps'):
+        sigmas = solve_opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
     else:
         sigmas = solvers.get_schedule(settings['num_steps'], settings.get('sigma_min') or net.sigma_min,
                                       settings.get('sigma_max') or net.sigma_max, settings['schedule_type'],
@@ -180,6 +194,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
               help=f'Solver when no predictor is given: {", ".join(sorted(solvers.SOLVERS))}')
 @click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Time points (num_steps - 1 steps)')
+@click.option('--t_steps', metavar='LIST', default=None, help='Explicit decreasing grid, e.g. "[80,10.98,3.88,1.58,0.57,0.17,0.002]" (sets num_steps and the sigma range)')
 @click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule')
 @click.option('--schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent')
 @click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='Lowest noise level [default: the model\'s]')
@@ -204,7 +219,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
 @click.option('--dtype', metavar='NAME', type=click.Choice(list(DTYPES)), default=None, help='Sampling dtype [default: the config\'s, else float32]')
 @click.option('--device', metavar='DEV', default=None, help='Device [default: cuda if available]')
-def main(dataset_name, model_path, predictor_path, solver, num_steps, schedule_type, schedule_rho, sigma_min,
+def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, schedule_type, schedule_rho, sigma_min,
          sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
          dtype, device):
@@ -223,7 +238,7 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, schedule_t
     dist.shutdown()
 
 
-def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_type, schedule_rho, sigma_min,
+def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, schedule_type, schedule_rho, sigma_min,
         sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
         dtype, device):
@@ -250,6 +265,9 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, schedule_ty
                      sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
                      max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                      variant=variant, dtype=dtype)
+    if t_steps is not None:
+        t_grid = parse_t_steps(t_steps)
+        overrides.update(t_steps=t_grid, num_steps=len(t_grid), sigma_max=t_grid[0], sigma_min=t_grid[-1])
     settings = resolve_settings(cfg, overrides)
     if predictor is None:
         solvers.check_options(**settings)
