@@ -172,3 +172,12 @@ def test_default_folder_names_schedule_and_predictor(tmp_path):
     _refusal(run_cli(shared + [f'--predictor_path={tmp_path / "p2"}'], check=False), 'predictor')
     # A classical solver into a predictor's folder: refused too.
     _refusal(run_cli(shared + ['--dataset_name=gmm_2d', '--sampler_stu=euler'], check=False), 'predictor')
+
+
+def test_explicit_t_steps_grid(tmp_path):
+    base = ['sample.py', '--dataset_name=gmm_2d', '--seeds=0-1', '--sampler_stu=euler']
+    result = run_cli(base + ['--t_steps=[80,10,1,0.1,0.002]', f'--outdir={tmp_path / "grid"}'])
+    assert 'NFE per image: 4' in result.stdout
+    bad = run_cli(base + ['--t_steps=[80,100,0.002]', f'--outdir={tmp_path / "bad"}'], check=False)
+    assert bad.returncode != 0 and 'strictly decreasing' in bad.stderr and 'Traceback' not in bad.stderr
+    assert not (tmp_path / 'bad').exists()
