@@ -64,13 +64,31 @@ def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None,
         raise ValueError(f"variant={variant!r} is not a UniPC variant; allowed: {', '.join(UNIPC_VARIANTS)}")
 
 
+def check_grid(sigmas):
+    """Return (sigmas without a final 0, whether it ended at 0); raise ValueError for a grid that is not strictly
+    decreasing, is negative, or has too few positive points."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 time points; got shape {tuple(sigmas.shape)}")
+    if not bool(torch.isfinite(sigmas).all()) or not bool((sigmas[1:] < sigmas[:-1]).all()) or sigmas[-1] < 0:
+        raise ValueError(f"sigmas must be finite, strictly decreasing and >= 0; got {sigmas.tolist()}")
+    ends_at_zero = bool(sigmas[-1] == 0)
+    if ends_at_zero:
+        sigmas = sigmas[:-1]
+        if len(sigmas) < 2:
+            raise ValueError("a grid ending at sigma = 0 needs at least 2 positive time points before the 0; got "
+                             f"{len(sigmas)}")
+    return sigmas, ends_at_zero
+
+
 def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, sigma_min=None,
            sigma_max=None, afs=False, denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True,
            cond=None, predictor=None, sigmas=None, return_trajectory=False, **options):
     """Integrate from unit-Gaussian `latents` [B, C, H, W] to samples with a registered solver.
 
     With a `predictor` (a trained learned-solver predictor), its stored settings are used and the keyword
-    settings ignored. `sigmas` overrides the schedule (a decreasing tensor; num_steps is then its length).
+    settings ignored. `sigmas` overrides the schedule (a strictly decreasing tensor; num_steps is then its length); a
+    final 0 is taken as a final Euler step, i.e. denoise_to_zero at the last positive sigma.
     dtype and device follow the latents.
     """
     if predictor is not None:
@@ -78,6 +96,9 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
     sigma_min = net.sigma_min if sigma_min is None else float(sigma_min)
     sigma_max = net.sigma_max if sigma_max is None else float(sigma_max)
     if sigmas is not None:
+        sigmas, ends_at_zero = check_grid(sigmas)
+        # A final step to sigma = 0 (the k-diffusion habit) is an Euler step, which lands exactly on D(x; s_last).
+        denoise_to_zero = denoise_to_zero or ends_at_zero
         num_steps = len(sigmas)
     check_options(solver, num_steps, schedule_type, sigma_min, sigma_max, max_order, **options)
     info = SOLVERS[solver]
