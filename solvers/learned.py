@@ -2,7 +2,8 @@
 
 Same shape as the classical solvers: pure functions over a denoiser, differentiable in the states, the sigmas
 and the predictor's parameters. The learned parameters arrive as callables:
-  epd:  table(step) -> (r, c, a, w), each [K]: positions in log sigma, direction scales, time scales, weights
+  epd:  table(step) -> (r, c, a, w), each [K] (one table for the batch) or [B, K] (a table per sample, as in RL
+        rollouts): positions in log sigma, direction scales, time scales, weights
   amed: params(feature [B, F], s_cur, s_next) -> (r, c, a), each [B]
 """
 import torch
@@ -55,11 +56,12 @@ def epd(net, x, sigmas, cond=None, *, table, afs=False, fcn=False, return_trajec
         direction = d if plugin != 'ipndm' else _ab_direction(d, history)
         if plugin == 'ipndm':
             history = [d.detach()] + history[:max_order - 2] if max_order > 1 else []
-        s = t_next ** r * t_cur ** (1 - r)                                       # [K]
-        probes = x[:, None] + (s - t_cur).reshape(1, -1, *([1] * (x.ndim - 1))) * direction[:, None]
+        s = t_next ** r * t_cur ** (1 - r)                                       # [K] or [B, K]
+        per_point = lambda v: v.reshape(v.shape[0] if v.ndim == 2 else 1, -1, *([1] * (x.ndim - 1)))
+        probes = x[:, None] + per_point(s - t_cur) * direction[:, None]
         B = x.shape[0]
         g = _parallel_slopes(net, probes, (a * s).expand(B, -1), s.expand(B, -1), cond)
-        x = x + (t_next - t_cur) * ((w * c).reshape(1, -1, *([1] * (x.ndim - 1))) * g).sum(1)
+        x = x + (t_next - t_cur) * (per_point(w * c) * g).sum(1)
         traj.add(x)
     if denoise_to_zero:
         x = net(x, sigmas[-1], cond)
