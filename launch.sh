@@ -3,7 +3,7 @@
 #   setup   create the Python environment (.venv, or $VENV) from requirements.txt if missing
 #   demo    the main job on the embedded default (the analytic image mixture): train, sample, score
 #   test    the test suite
-#   train | sample | evaluate   the sections below; edit their flags for your experiment
+#   train | sample | evaluate | rl   the sections below; edit their flags for your experiment
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -49,6 +49,17 @@ evaluate() {
   run fid.py calc --images="${IMAGES:?set IMAGES=folder of samples}" --ref="${REF:?set REF=reference npz or URL}" "$@"
 }
 
+# ---- rl: fine-tune a distilled EPD predictor's table against a reward (RDPO) -----------------------------------
+rl() {
+  # PREDICTOR: a distilled EPD predictor (folder or experiment number), e.g. from
+  #   DATASET=gmm_digits bash launch.sh train --loss=rmse
+  # Further overrides: OVERRIDES="ppo.kl_coef=0.01 ppo.steps=200"; extra flags (--max-steps, --dry-run) pass on.
+  CONFIG=${CONFIG:-configs/rl/gmm_digits.yaml}
+  OVERRIDE_FLAGS="--override data.predictor_snapshot=${PREDICTOR:?set PREDICTOR=distilled EPD predictor}"
+  for o in ${OVERRIDES:-}; do OVERRIDE_FLAGS="$OVERRIDE_FLAGS --override $o"; done
+  run -m training.rl --config="$CONFIG" $OVERRIDE_FLAGS "$@"
+}
+
 demo() {
   "$PY" bench/demo.py "$@"
 }
@@ -66,5 +77,6 @@ case "$target" in
   train) setup; train "$@" ;;
   sample) setup; sample "$@" ;;
   evaluate) setup; evaluate "$@" ;;
-  *) echo "launch.sh: unknown target '$target'; use one of: setup demo test train sample evaluate" >&2; exit 2 ;;
+  rl) setup; rl "$@" ;;
+  *) echo "launch.sh: unknown target '$target'; use one of: setup demo test train sample evaluate rl" >&2; exit 2 ;;
 esac
