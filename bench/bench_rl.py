@@ -183,6 +183,7 @@ def plot(runs, path):
         ax[2].plot(s, [r['kl'] for r in m], label=f'kl_coef={kl:g}')
     for a, t in zip(ax, ('rollout reward', 'held-out reward (policy mean)', 'KL to the cold start')):
         a.set_xlabel('PPO step'); a.set_title(t); a.legend()
+    ax[2].set_yscale('log')
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
