@@ -136,6 +136,12 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
         iter_sec[kl] = float(np.median([r['iter_sec'] for r in m]))
     plot(runs, os.path.join(os.path.dirname(out), 'rl_curves.png'))
 
+    # Stage times of the runs themselves survive a --reuse (kept beside them).
+    times_path = os.path.join(work, 'stage_seconds.json')
+    kept = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    seconds = dict(kept, **seconds)
+    with open(times_path, 'w') as f:
+        json.dump(seconds, f)
     base = rows['distilled EPD']['reward']
     lines = ['# RDPO on the analytic digits (NFE 5)', '',
              '`python bench/bench_rl.py` (regenerates this page and `rl_curves.png`). The class-conditional analytic',
