@@ -169,3 +169,80 @@ def test_k_sampler_refuses_a_bad_grid(digits):
     with pytest.raises(ValueError, match='strictly decreasing'):
         fn(k_cfg_model(digits), latents(digits, 2), torch.tensor([80.0, 1.0, 5.0, 0.0], dtype=torch.float64),
            {'cond': labels(2)})
+
+
+# -- diffusers pipelines in memory ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny_folders(tmp_path_factory):
+    from tests.test_models_latent import BUILDERS
+    root = tmp_path_factory.mktemp('tiny_pipelines')
+    return {family: build(str(root / family)) for family, build in BUILDERS.items()}
+
+
+def module_storage(*modules):
+    return {p.data_ptr() for m in modules for p in list(m.parameters()) + list(m.buffers())}
+
+
+@pytest.mark.parametrize('family', ['sd', 'ldm', 'dit', 'sd3', 'flux'])
+def test_from_pipeline_equals_the_folder_and_shares_storage(tiny_folders, family):
+    import diffusers
+    import models
+    from tests.test_models_latent import TINY_OPTIONS
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_folders[family])
+    net = models.from_pipeline(pipe, **TINY_OPTIONS[family])
+    ref = models.load_denoiser(model_path=tiny_folders[family], family=family, **TINY_OPTIONS[family])
+    assert type(net) is type(ref) and net.sample_shape == ref.sample_shape
+    assert (net.sigma_min, net.sigma_max, net.flow_shift) == (ref.sigma_min, ref.sigma_max, ref.flow_shift)
+    # The same modules, not copies: every parameter and buffer of the denoiser's modules lives in the pipeline's
+    # storage (the denoiser's own buffer, its log sigma table, is the only addition).
+    pipe_modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert module_storage(*net.children()) <= module_storage(*pipe_modules)
+    assert {name for name, _ in net.named_buffers() if '.' not in name} <= {'log_sigma_table'}
+    assert net.network is (pipe.unet if family in ('sd', 'ldm') else pipe.transformer)
+    if hasattr(ref, 'encode_prompts') and ref.prompt_keys:
+        cond_net, cond_ref = net.encode_prompts(['a cat', 'a dog']), ref.encode_prompts(['a cat', 'a dog'])
+    elif ref.label_dim:
+        cond_net = cond_ref = torch.nn.functional.one_hot(torch.tensor([3, 7]), ref.label_dim).float()
+    else:
+        cond_net = cond_ref = None
+    x = torch.randn(2, *ref.sample_shape, generator=torch.Generator().manual_seed(0)) * 3
+    sigma = torch.tensor([ref.sigma_max, 1.0])
+    with torch.no_grad():
+        out, out_ref = net(x, sigma, cond_net), ref(x, sigma, cond_ref)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(net.decode(out), ref.decode(out_ref), rtol=0, atol=1e-6)
+        # A change to the pipeline's weights is seen by the denoiser (shared, not copied).
+        for weight in (pipe.unet if family in ('sd', 'ldm') else pipe.transformer).parameters():
+            weight.add_(0.05)
+        assert not torch.allclose(net(x, sigma, cond_net), out, atol=1e-4)
+
+
+def test_from_pipeline_runs_a_predictor(tiny_folders):
+    import diffusers
+    import models
+    from training.predictors import EPDPredictor
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_folders['sd'])
+    net = models.from_pipeline(pipe, guidance_rate=3.0)
+    ref = models.load_denoiser(model_path=tiny_folders['sd'], family='sd', guidance_rate=3.0)
+    pred = EPDPredictor(predictor_settings('epd', dataset_name='sd', sample_shape=list(net.sample_shape),
+                                           sigma_min=net.sigma_min, sigma_max=net.sigma_max))
+    z = torch.randn(2, *net.sample_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = solvers.sample(net, z, predictor=pred, cond=net.encode_prompts(['a cat', 'a dog']))
+        out_ref = solvers.sample(ref, z, predictor=pred, cond=ref.encode_prompts(['a cat', 'a dog']))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+
+
+def test_from_pipeline_bad_input(tiny_folders):
+    import diffusers
+    import models
+    from models import ModelError
+    with pytest.raises(ModelError, match='takes a diffusers pipeline'):
+        models.from_pipeline(object())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_folders['dit'])
+    with pytest.raises(ModelError, match='takes no dtype'):
+        models.from_pipeline(pipe, dtype='bf16')
+    with pytest.raises(ModelError, match='does not take option.*prompt_file'):
+        models.from_pipeline(pipe, prompt_file='x')
