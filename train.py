@@ -19,6 +19,7 @@ import training
 from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
+from torch_utils.plots import loss_curve
 
 STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin
 STATE_FILE = 'training-state.pt'
@@ -268,7 +269,10 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         dist.barrier()
     if rank == 0:
         training.save_predictor(predictor, run_dir)
-        log(f'Done: predictor in {run_dir} ({time.time() - start:.1f} s)')
+        if os.path.isfile(os.path.join(run_dir, 'stats.jsonl')):
+            loss_curve(os.path.join(run_dir, 'stats.jsonl'), os.path.join(run_dir, 'loss.png'),
+                       title=os.path.basename(run_dir))
+        log(f'Done: predictor in {run_dir} ({time.time() - start:.1f} s), loss curve in loss.png')
 
 
 if __name__ == '__main__':

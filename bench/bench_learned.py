@@ -4,6 +4,9 @@ For each NFE (sequential rounds) the bench trains the learned solvers with train
 then measures every solver's error against the exact ODE solution on held-out seeds:
 
     python bench/bench_learned.py --nfes=3,5,7,9 --students=epd,ipndm,amed,dpm --out=docs/learned.md
+
+It also draws docs/figures/learned_vs_classical.png and docs/figures/learned_epd_tables.png; with
+--figures_only=True it redraws them from the page's table and the EPD predictors (trained if missing) only.
 """
 import glob
 import json
@@ -21,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import solvers        # noqa: E402
 import training       # noqa: E402
+from bench import figures                    # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
 LABELS = {'epd': 'EPD', 'ipndm': 'EPD-Plugin (iPNDM)', 'amed': 'AMED-Solver', 'dpm': 'AMED-Plugin (DPM-2)',
@@ -38,7 +42,8 @@ def classical_settings(name, nfe):
 def train_command(student, nfe, kimg, exps, extra=()):
     """train.py with the gmm_image config's training settings (what a user gets by default), into its own folder."""
     num_steps = (nfe + 1) // 2 + 1          # with AFS: 2 (N - 1) - 1 = nfe
-    args = [sys.executable, os.path.join(ROOT, 'train.py'), f'--sampler_stu={student}', f'--num_steps={num_steps}',
+    args = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset_name=gmm_image', f'--sampler_stu={student}',
+            f'--num_steps={num_steps}',
             '--afs=True', f'--outdir={os.path.join(exps, f"{student}-nfe{nfe}")}']
     return (args + ([f'--total_kimg={kimg}'] if kimg else []) + (['--max_order=3'] if student == 'ipndm' else [])
             + list(extra))
@@ -117,6 +122,54 @@ def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
     return torch.quantile(ratios, 0.025).item(), torch.quantile(ratios, 0.975).item()
 
 
+FIGURES_COMMAND = 'python bench/bench_learned.py --figures_only=True'
+
+
+def epd_predictors(nfes, reuse, exps, kimg, jobs):
+    """{nfe: the EPD predictor} from --reuse or the bench's own folders, training the missing ones."""
+    found = {n: (find_predictor(reuse, 'epd', n) if reuse else None) or
+             find_predictor(os.path.join(exps, f'epd-nfe{n}'), 'epd', n) for n in nfes}
+    missing = [('epd', n) for n, folder in found.items() if folder is None]
+    if missing:
+        print(f"training EPD for NFE {', '.join(str(n) for _, n in missing)} (train.py, the gmm_image config)")
+        train_all(missing, kimg, exps, jobs)
+        found.update({n: find_predictor(os.path.join(exps, f'epd-nfe{n}'), 'epd', n) for _, n in missing})
+    return {n: training.load_predictor(folder) for n, folder in found.items()}
+
+
+def write_figures(out, rows, nfes, students, predictors):
+    """The page's two figures and the section that shows them (inserted into the page, or replaced there)."""
+    learned = [LABELS[s] for s in students if LABELS[s] in rows]
+    figures.learned_vs_classical(rows, nfes, learned, figures.figure_path(out, 'learned_vs_classical.png'))
+    figures.epd_tables(predictors, figures.figure_path(out, 'learned_epd_tables.png'))
+    section = [figures.FIGURES_HEADING, '',
+               f'Regenerate the figures alone with `{FIGURES_COMMAND}`: it reads the table above and the EPD '
+               'predictors (in `exps/bench/`, trained there with the config\'s settings when missing; training is '
+               'seeded, so they are the predictors measured here).', '',
+               '![Learned solvers against the classical solvers by NFE](figures/learned_vs_classical.png)', '',
+               'The table above as lines (log-log): the learned solvers (thick) against each classical solver at its '
+               'best schedule for each NFE (dashed) and the best classical solver per NFE (black bars).', '',
+               '![The learned EPD tables per step](figures/learned_epd_tables.png)', '',
+               'What EPD learned, per step (columns: NFE): where its K points sit inside the step (r = 0 is the '
+               'step\'s start, 1 its end, in log sigma; marker area = weight), the simplex weights, and the '
+               'direction scales c (filled) and time scales a (open; 1 = no scaling).', '']
+    with open(out) as f:
+        text = f.read()
+    figures.write_page(out, figures.replace_figures_section(text, section, before_heading='## Best classical'))
+
+
+def rows_from_page(out, nfes):
+    tables = figures.read_tables(out)
+    heading = next(iter(tables), None)
+    if heading is None:
+        raise SystemExit(f'{out} has no table; run the bench without --figures_only first')
+    headers, rows = tables[heading]
+    columns = figures.nfe_columns(headers)
+    if not set(nfes) <= set(columns):
+        raise SystemExit(f"{out} has no columns for NFE {', '.join(str(n) for n in sorted(set(nfes) - set(columns)))}")
+    return {label: [values[columns.index(n)] for n in nfes] for label, values in rows.items()}
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--nfes', metavar='LIST', default='3,5,7,9', help='NFEs (sequential rounds)')
 @click.option('--students', metavar='LIST', default='epd,ipndm,amed,dpm', help='Learned solvers to train')
@@ -126,9 +179,14 @@ def bootstrap_ratio(err_a, err_b, draws=2000, seed=0):
 @click.option('--reuse', metavar='DIR', default=None, help='Reuse predictors already in this folder')
 @click.option('--jobs', metavar='INT', type=int, default=1, help='Trainings run at a time (one thread each if > 1)')
 @click.option('--out', metavar='PATH', default=os.path.join(ROOT, 'docs', 'learned.md'), help='Markdown output')
-def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
+@click.option('--figures_only', metavar='BOOL', type=bool, default=False, help='Only redraw the figures, from the --out page\'s table and the EPD predictors')
+def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out, figures_only):
     nfes = [int(v) for v in nfes.split(',')]
     students = students.split(',')
+    if figures_only:
+        write_figures(out, rows_from_page(out, nfes), nfes, students, epd_predictors(nfes, reuse, exps, kimg, jobs))
+        print(f'wrote the figures of {out}')
+        return
     net = image_mixture()
     z, per_sample = held_out(net, num_eval)
     rows = {}
@@ -188,6 +246,9 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out):
         lines += ['', f'## Training time (2 CPU cores, {where}; from each run\'s stats.jsonl)', '']
         lines += [f'- {LABELS[s]} NFE {n}: {t:.0f} s' for (s, n), t in train_times.items()]
     write_report(out, lines)
+    means = {label: [errs[n].mean().item() if n in errs else float('nan') for n in nfes] for label, errs in rows.items()}
+    if 'epd' in students:
+        write_figures(out, means, nfes, students, epd_predictors(nfes, reuse, exps, kimg, jobs))
     print('\n'.join(lines))
 
 

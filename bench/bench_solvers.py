@@ -2,9 +2,11 @@
 
 For a batch of seeded latents, the probability-flow ODE is solved exactly once (DOP853 in float64) from sigma_max
 to sigma_min; every solver is then run at a fixed number of denoiser evaluations (NFE) on several schedules and
-scored by the RMSE per pixel against that solution. Writes markdown tables into docs/solvers.md.
+scored by the RMSE per pixel against that solution. Writes markdown tables into docs/solvers.md and figures into
+docs/figures/ (error vs NFE per schedule; 2-D trajectories on gmm_2d against the exact ODE paths).
 
     python bench/bench_solvers.py --out=docs/solvers.md --compare_3m=True
+    python bench/bench_solvers.py --figures_only=True     # figures from the page's tables (seconds)
 """
 import math
 import os
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers                                   # noqa: E402
+from bench import figures                        # noqa: E402
 from models.analytic import image_mixture        # noqa: E402
 
 NFES = (3, 4, 5, 6, 8, 10, 15, 20)
@@ -24,6 +27,8 @@ SCHEDULES = [('polynomial', 7.0, 'polynomial, rho = 7'), ('logsnr', None, 'logsn
              ('time_uniform', 2.0, 'time_uniform, rho = 2'), ('flowmatch', None, 'flowmatch (shift 1)')]
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 COMMAND = 'python bench/bench_solvers.py --out=docs/solvers.md --compare_3m=True'
+FIGURES_COMMAND = 'python bench/bench_solvers.py --figures_only=True'
+TRAJECTORY_NFE = 6
 
 
 def settings_for_nfe(name, nfe):
@@ -240,6 +245,39 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
         f.write('\n'.join(lines))
 
 
+def write_figures(out, names, results=None):
+    """The page's figures: from `results` when just measured, else from the tables on the page; then the page's
+    figures section, which shows them."""
+    if results is None:
+        tables = figures.read_tables(out)
+        missing = [title for _, _, title in SCHEDULES if title not in tables]
+        if missing:
+            raise SystemExit(f"{out} has no table for {', '.join(missing)}; run {COMMAND} first")
+        nfes = figures.nfe_columns(tables[SCHEDULES[0][2]][0])
+        panels = {title: {n: v for n, v in tables[title][1].items() if n in names} for _, _, title in SCHEDULES}
+    else:
+        nfes = list(NFES)
+        panels = {title: {n: [results[s, n, k][0] for k in NFES] for n in names} for s, _, title in SCHEDULES}
+    figures.error_vs_nfe(panels, nfes, figures.figure_path(out, 'solvers_error_vs_nfe.png'))
+    errors = figures.trajectories_2d(figures.figure_path(out, 'solvers_trajectories_2d.png'), names,
+                                     settings_for_nfe, nfe=TRAJECTORY_NFE)
+    section = [figures.FIGURES_HEADING, '',
+               f'Regenerate the figures alone with `{FIGURES_COMMAND}`: it reads the tables below and recomputes the '
+               '2-D trajectories (seconds).', '',
+               '![RMSE against the exact solution vs NFE, one panel per schedule](figures/solvers_error_vs_nfe.png)', '',
+               'RMSE per pixel against the exact solution against NFE (both axes logarithmic), every solver, one panel '
+               'per schedule: the tables below as lines.', '',
+               '![Solver trajectories on gmm_2d against the exact ODE paths](figures/solvers_trajectories_2d.png)', '',
+               f'The 2-D mixture `gmm_2d` (six elongated Gaussians on a ring, density in grey): the states of every '
+               f'solver at NFE {TRAJECTORY_NFE} (polynomial schedule, rho = 7) from the same 10 latents, over the exact '
+               'ODE paths (black; x marks the exact end point). The paths start at radius ~80 and come in nearly '
+               'straight; the view shows the last part, where they bend towards a mode. End-point RMSE: '
+               + ', '.join(f'{n} {e:.3f}' for n, e in errors.items()) + '.', '']
+    with open(out) as f:
+        text = f.read()
+    figures.write_page(out, figures.replace_figures_section(text, section, before_heading='## ' + SCHEDULES[0][2]))
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--out', metavar='PATH', default='docs/solvers.md', help='Markdown report to write')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=16, help='Latents per run')
@@ -247,11 +285,16 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
 @click.option('--solvers', 'names', metavar='LIST', default=None, help='Comma-separated solvers [default: every registered solver]')
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=1, help='Torch intra-op threads (1 keeps timings steady on a shared machine)')
 @click.option('--compare_3m', metavar='BOOL', type=bool, default=False, help='Also measure the orders of the 3M update with weight 2 phi_3 vs phi_3')
-def main(out, batch, seed, names, threads, compare_3m):
+@click.option('--figures_only', metavar='BOOL', type=bool, default=False, help='Only redraw the figures, from the tables already on the --out page')
+def main(out, batch, seed, names, threads, compare_3m, figures_only):
     """Accuracy against the exact solution for every solver, NFE and schedule; writes a markdown report."""
     torch.set_num_threads(threads)
-    net = image_mixture(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).eval().requires_grad_(False)
     names = names.split(',') if names else list(solvers.SOLVERS)
+    if figures_only:
+        write_figures(out, names)
+        print(f'wrote the figures of {out}')
+        return
+    net = image_mixture(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, *net.sample_shape, generator=g, dtype=torch.float64)
     start = time.perf_counter()
@@ -262,7 +305,8 @@ def main(out, batch, seed, names, threads, compare_3m):
     comparison = measure_3m_orders(net, seed) if compare_3m else None
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     write_report(out, names, results, batch, seed, exact_seconds, torch.get_num_threads(), load, comparison)
-    print(f'wrote {out}')
+    write_figures(out, names, results)
+    print(f'wrote {out} and its figures')
 
 
 if __name__ == '__main__':

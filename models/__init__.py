@@ -57,3 +57,10 @@ def load_denoiser(model_path=None, family=None, **config):
     if family is None:
         raise ModelError(f"cannot tell the model family of {model_path!r}; give the dataset's config a 'family'")
     return load_family(family, model_path, **config)
+
+
+def from_pipeline(pipe, family=None, **options):
+    """A diffusers pipeline object in memory (SD 1.x/2.x, SD3, FLUX, DiT, LDM) as a denoiser sharing its modules:
+    `solvers.sample(models.from_pipeline(pipe), latents, predictor=pred, cond=...)`. See models/latent.py."""
+    from models.latent import from_pipeline as adapt
+    return adapt(pipe, family, **options)

@@ -668,6 +668,11 @@ def load_sd(model_path, dtype=None, guidance_type='cfg', guidance_rate=7.5, nega
         parts = dict(unet=folder.component('unet', dtype), vae=folder.component('vae', dtype),
                      text_encoder=folder.component('text_encoder', dtype), tokenizer=folder.component('tokenizer'),
                      scheduler=folder.scheduler_config())
+    return _build_sd(parts, dtype, guidance_type, guidance_rate, negative_prompt, resolution, device, latent_scale)
+
+
+def _build_sd(parts, dtype, guidance_type, guidance_rate, negative_prompt, resolution, device, latent_scale):
+    """The SD denoiser over its components (unet, vae, text_encoder, tokenizer, scheduler config)."""
     unet, vae, sched = parts['unet'], parts['vae'], parts['scheduler']
     _freeze(unet, vae, parts['text_encoder'])
     net = StableDiffusion(
@@ -736,6 +741,11 @@ def load_ldm(model_path, dtype=None, guidance_type='uncond', guidance_rate=1.0, 
         if type(unet).__name__ != 'UNet2DModel':
             raise _model_error(f"{folder.path}: unet is a {type(unet).__name__}; an unconditional LDM has a "
                                f"UNet2DModel")
+    return _build_ldm(unet, vae, sched, dtype, resolution, device, latent_scale)
+
+
+def _build_ldm(unet, vae, sched, dtype, resolution, device, latent_scale):
+    """The unconditional LDM denoiser over its UNet2DModel, first stage and scheduler config."""
     if latent_scale is None:
         latent_scale = vae.config.scaling_factor
         if type(vae).__name__ == 'VQModel' and latent_scale == SD_SCALING_FACTOR:
@@ -766,8 +776,15 @@ def load_dit(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.0, res
         folder.require('transformer', 'vae', 'scheduler')
         transformer = folder.component('transformer', dtype)
     vae, sched = folder.component('vae', dtype), folder.scheduler_config()
+    return _build_dit(transformer, vae, sched, dtype, guidance_type, guidance_rate, resolution, device, latent_scale,
+                      source=model_path)
+
+
+def _build_dit(transformer, vae, sched, dtype, guidance_type, guidance_rate, resolution, device, latent_scale,
+               source):
+    """The DiT denoiser over its transformer, VAE and scheduler config."""
     if not transformer.config.get('num_embeds_ada_norm'):
-        raise _model_error(f"{model_path}: the transformer is not class-conditional (no num_embeds_ada_norm)")
+        raise _model_error(f"{source}: the transformer is not class-conditional (no num_embeds_ada_norm)")
     _freeze(transformer, vae)
     net = DiT(transformer=transformer, vae=vae, alphas_cumprod=_alphas_cumprod(sched),
               prediction_type=sched.get('prediction_type', 'epsilon'), guidance_type=guidance_type,
@@ -810,7 +827,13 @@ def load_sd3(model_path, dtype=None, guidance_type='cfg', guidance_rate=4.5, neg
                 folder.component('text_encoder_3', dtype) if folder.has('text_encoder_3') else None]
     tokenizers = [folder.component('tokenizer'), folder.component('tokenizer_2'),
                   folder.component('tokenizer_3') if folder.has('tokenizer_3') else None]
-    sched = folder.scheduler_config()
+    return _build_sd3(transformer, vae, encoders, tokenizers, folder.scheduler_config(), dtype, guidance_type,
+                      guidance_rate, negative_prompt, resolution, device, latent_scale, max_sequence_length)
+
+
+def _build_sd3(transformer, vae, encoders, tokenizers, sched, dtype, guidance_type, guidance_rate, negative_prompt,
+               resolution, device, latent_scale, max_sequence_length):
+    """The SD3 denoiser over its transformer, VAE, text encoders (T5 may be None) and scheduler config."""
     _freeze(transformer, vae, *encoders)
     net = StableDiffusion3(
         transformer=transformer, tokenizers=tokenizers, text_encoders=encoders,
@@ -835,7 +858,14 @@ def load_flux(model_path, dtype=None, guidance_type='embedded', guidance_rate=3.
     vae = folder.component('vae', dtype)
     encoders = [folder.component('text_encoder', dtype), folder.component('text_encoder_2', dtype)]
     tokenizers = [folder.component('tokenizer'), folder.component('tokenizer_2')]
-    sched = folder.scheduler_config()
+    return _build_flux(transformer, vae, encoders, tokenizers, folder.scheduler_config(), dtype, guidance_type,
+                       guidance_rate, negative_prompt, resolution, device, latent_scale, max_sequence_length,
+                       embedded_guidance)
+
+
+def _build_flux(transformer, vae, encoders, tokenizers, sched, dtype, guidance_type, guidance_rate, negative_prompt,
+                resolution, device, latent_scale, max_sequence_length, embedded_guidance):
+    """The FLUX denoiser over its transformer, VAE, CLIP and T5 encoders and scheduler config."""
     vae_factor = _vae_factor(vae)
     # The FLUX transformer has no sample_size: the default is the model's 1024 px (128x128 latents).
     latent_size = (resolution or 1024) // vae_factor
@@ -853,3 +883,81 @@ def load_flux(model_path, dtype=None, guidance_type='embedded', guidance_rate=3.
                latent_scale=latent_scale or vae.config.scaling_factor,
                latent_shift=vae.config.get('shift_factor') or 0.0)
     return _finish(net, transformer.config.in_channels // 4, latent_size, None, vae_factor, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A pipeline object already in memory.
+
+# loader options that do not apply to a pipeline in memory, and why
+PIPELINE_REFUSED = {
+    'dtype': "the pipeline's modules keep their dtype; convert the pipeline first (pipe.to(torch.bfloat16))",
+    'device': "the pipeline's modules stay where they are; move the pipeline first (pipe.to('cuda'))",
+    'single_file_config': 'it is for single checkpoint files', 'original_config': 'it is for CompVis checkpoints',
+    'use_ema': 'it is for CompVis checkpoints', 'num_attention_heads': 'it is for original DiT checkpoints',
+}
+LOADERS = {'sd': 'load_sd', 'ldm': 'load_ldm', 'dit': 'load_dit', 'sd3': 'load_sd3', 'flux': 'load_flux'}
+
+
+def pipeline_family(pipe):
+    """The family of a diffusers pipeline object, by its class (or a base class) name."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in PIPELINE_FAMILIES:
+            return PIPELINE_FAMILIES[cls.__name__]
+    raise _model_error(f"from_pipeline takes a diffusers pipeline of {', '.join(sorted(PIPELINE_FAMILIES))}, "
+                       f"not a {type(pipe).__name__}; pass family= (sd, ldm, dit, sd3, flux) for a pipeline of the "
+                       "same layout")
+
+
+def from_pipeline(pipe, family=None, **options):
+    """Adapt a diffusers pipeline object (SD 1.x/2.x, SD3, FLUX, DiT, unconditional LDM) to the denoiser protocol.
+
+    The denoiser holds the pipeline's own modules (no copy: the same parameter storage), in their dtype and on
+    their device, and is built by the same code as the family's folder loader, with that loader's options and
+    defaults (guidance_type, guidance_rate, negative_prompt, resolution, latent_scale, ...). As with the loaders,
+    the modules are put in eval mode without gradients."""
+    import inspect
+    family = family or pipeline_family(pipe)
+    if family not in LOADERS:
+        raise _model_error(f"unknown pipeline family {family!r}; known: {', '.join(LOADERS)}")
+    params = inspect.signature(globals()[LOADERS[family]]).parameters
+    for name in options:
+        if name in PIPELINE_REFUSED:
+            raise _model_error(f"from_pipeline takes no {name}: {PIPELINE_REFUSED[name]}")
+    allowed = [k for k, p in params.items() if p.default is not inspect.Parameter.empty and k not in PIPELINE_REFUSED]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise _model_error(f"from_pipeline for family {family} does not take option(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(allowed)}")
+    opts = {k: params[k].default for k in allowed}
+    opts.update(options)
+
+    def part(name, optional=False):
+        value = getattr(pipe, name, None)
+        if value is None and not optional:
+            raise _model_error(f"the {type(pipe).__name__} has no {name}, which a {FAMILY_NAMES[family]} model needs")
+        return value
+
+    scheduler = dict(part('scheduler').config)
+    network = part('transformer' if family in ('dit', 'sd3', 'flux') else 'unet')
+    dtype = next(network.parameters()).dtype
+    common = dict(dtype=dtype, resolution=opts['resolution'], device=None, latent_scale=opts['latent_scale'])
+    if family == 'sd':
+        parts = dict(unet=network, vae=part('vae'), text_encoder=part('text_encoder'), tokenizer=part('tokenizer'),
+                     scheduler=scheduler)
+        return _build_sd(parts, guidance_type=opts['guidance_type'], guidance_rate=opts['guidance_rate'],
+                         negative_prompt=opts['negative_prompt'], **common)
+    if family == 'ldm':
+        vae = part('vqvae', optional=True) or part('vae')
+        return _build_ldm(network, vae, scheduler, **common)
+    if family == 'dit':
+        return _build_dit(network, part('vae'), scheduler, guidance_type=opts['guidance_type'],
+                          guidance_rate=opts['guidance_rate'], source=type(pipe).__name__, **common)
+    text = dict(guidance_type=opts['guidance_type'], guidance_rate=opts['guidance_rate'],
+                negative_prompt=opts['negative_prompt'], max_sequence_length=opts['max_sequence_length'])
+    if family == 'sd3':
+        encoders = [part('text_encoder'), part('text_encoder_2'), part('text_encoder_3', optional=True)]
+        tokenizers = [part('tokenizer'), part('tokenizer_2'), part('tokenizer_3', optional=True)]
+        return _build_sd3(network, part('vae'), encoders, tokenizers, scheduler, **text, **common)
+    encoders, tokenizers = [part('text_encoder'), part('text_encoder_2')], [part('tokenizer'), part('tokenizer_2')]
+    return _build_flux(network, part('vae'), encoders, tokenizers, scheduler,
+                       embedded_guidance=opts['embedded_guidance'], **text, **common)
