@@ -502,6 +502,11 @@ class ADMDenoiser(Denoiser):
     def timestep(self, sigma):
         return fractional_timestep(sigma, self.log1p_sigma2).float()
 
+    @property
+    def forward_ad(self):
+        # classifier guidance calls torch.autograd.grad inside forward, which forward-mode AD cannot go through
+        return not (self.guidance_type == 'cg' and self.guidance_rate != 0)
+
     def denoise(self, x, sigma, cond=None):
         if self.label_dim and cond is None:
             raise ValueError('this ADM model needs labels (class-conditional or classifier-guided): pass one-hot cond')

@@ -160,6 +160,11 @@ class ConditionalMixture(GaussianMixture):
         self.guidance_rate = 1.0 if guidance_rate is None else float(guidance_rate)
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.label_dim)]
 
+    @property
+    def forward_ad(self):
+        # classifier guidance calls torch.autograd.grad inside forward, which forward-mode AD cannot go through
+        return not (self.guidance_type == 'cg' and self.guidance_rate != 0)
+
     def class_prior(self):
         """p(y), [L] float64."""
         return self.log_class_weights.exp()

@@ -18,6 +18,8 @@ class Denoiser(torch.nn.Module):
       sigma_table           increasing tensor of the model's discrete sigmas (discrete-time models), else None
       flow_shift            timestep shift of flow-matching models (for the ``flowmatch`` schedule), else None
       image_channels        channels of decode()'s images if not sample_shape[0] (latent models: 3)
+      forward_ad            whether forward-mode AD (torch.func.jvp) runs through forward(); False where the
+                            forward differentiates internally (classifier guidance)
     """
     sigma_min = 0.002
     sigma_max = 80.0
@@ -26,6 +28,7 @@ class Denoiser(torch.nn.Module):
     sigma_table = None
     flow_shift = None
     image_channels = None    # channels of decode()'s images when they differ from sample_shape (latent models)
+    forward_ad = True
 
     def denoise(self, x, sigma, cond=None):
         raise NotImplementedError

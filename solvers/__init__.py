@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from solvers import classical
+from solvers import classical, stochastic
 from solvers.exact import exact, solve_exact  # noqa: F401
 from solvers.schedules import SCHEDULES, get_schedule
 
@@ -18,6 +18,8 @@ class SolverInfo:
     evals_per_step: int          # denoiser evaluations per step
     orders: tuple = (None,)      # allowed max_order values (None: the option does not apply)
     default_order: int = None
+    stochastic: bool = False     # takes a per-image noise source (noise=solvers.noise.ImageNoise(seeds))
+    nfe: object = None           # nfe(num_steps, denoise_to_zero, **options) where the count is not per step
 
 
 SOLVERS = {
@@ -29,6 +31,13 @@ SOLVERS = {
     'deis': SolverInfo(classical.deis, 1, (1, 2, 3, 4), 4),
     'ipndm': SolverInfo(classical.ipndm, 1, (1, 2, 3, 4), 4),
     'ipndm_v': SolverInfo(classical.ipndm_v, 1, (1, 2, 3, 4), 4),
+    # stochastic samplers (solvers/stochastic.py); a JVP pass counts as one evaluation, reported apart
+    'edm_sde': SolverInfo(stochastic.edm_sde, 2, stochastic=True),
+    'euler_maruyama': SolverInfo(stochastic.euler_maruyama, 1, stochastic=True),
+    'sed2': SolverInfo(stochastic.sed2, 1, stochastic=True, nfe=lambda num_steps, denoise_to_zero=False,
+                       drift='lagged', **_: (num_steps - 1) * (2 if drift == 'fresh' else 1)
+                       + int(drift != 'fresh') + int(bool(denoise_to_zero))),
+    'sed_ref': SolverInfo(stochastic.sed_ref, 1, stochastic=True, nfe=lambda num_steps, **_: num_steps),
 }
 UNIPC_VARIANTS = ('bh1', 'bh2')
 
@@ -41,11 +50,13 @@ def register(name, info):
 def nfe_formula(solver, num_steps, afs=False, denoise_to_zero=False, **_):
     """Denoiser evaluations per sample of a classical solver run (the counted value must match it)."""
     info = SOLVERS[solver]
+    if info.nfe is not None:
+        return info.nfe(num_steps, denoise_to_zero=denoise_to_zero, **_)
     return info.evals_per_step * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
 
 
 def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None, sigma_max=None, max_order=None,
-                  variant='bh2', **_):
+                  variant='bh2', **options):
     """Raise ValueError naming the bad option and its allowed values."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(sorted(SOLVERS))}")
@@ -62,6 +73,8 @@ def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None,
         raise ValueError(f"sigma_min={sigma_min} and sigma_max={sigma_max} must satisfy 0 < sigma_min < sigma_max")
     if solver == 'unipc' and variant not in UNIPC_VARIANTS:
         raise ValueError(f"variant={variant!r} is not a UniPC variant; allowed: {', '.join(UNIPC_VARIANTS)}")
+    if SOLVERS[solver].stochastic:
+        stochastic.check_options(solver, **options)
 
 
 def check_grid(sigmas):
@@ -108,18 +121,22 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
         sigmas = get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, net=net)
     sigmas = torch.as_tensor(sigmas).to(device=latents.device, dtype=latents.dtype)
     x = latents * sigmas[0]
-    opts = dict(options, max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final)
+    opts = dict(options, max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                schedule_rho=schedule_rho)
     return info.fn(net, x, sigmas, cond, afs=afs, denoise_to_zero=denoise_to_zero,
                    return_trajectory=return_trajectory, **opts)
 
 
 class CallCounter:
     """Counts denoiser evaluations: `rows` is the total batch rows evaluated, `calls` the number of (sequential)
-    network calls. NFE per sample = rows / batch; sequential rounds = calls."""
+    network calls. NFE per sample = rows / batch; sequential rounds = calls. Forward-mode (JVP) passes are counted
+    in both and also apart, in `jvp_rows` / `jvp_calls` (one such pass costs about 1.5-3 plain calls)."""
 
     def __init__(self):
         self.calls = 0
         self.rows = 0
+        self.jvp_calls = 0
+        self.jvp_rows = 0
 
     def nfe(self, batch):
         return self.rows / batch
@@ -131,8 +148,12 @@ def count_calls(net):
     counter = CallCounter()
 
     def hook(module, args, kwargs):
+        rows = (args[0] if args else kwargs['x']).shape[0]
         counter.calls += 1
-        counter.rows += (args[0] if args else kwargs['x']).shape[0]
+        counter.rows += rows
+        if stochastic.in_jvp_pass():
+            counter.jvp_calls += 1
+            counter.jvp_rows += rows
 
     handle = net.register_forward_pre_hook(hook, with_kwargs=True)
     try:
