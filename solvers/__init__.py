@@ -24,6 +24,7 @@ class SolverInfo:
 
 SOLVERS = {
     'euler': SolverInfo(classical.euler, 1),
+    'ddim': SolverInfo(classical.ddim, 1),          # Euler with eta > 0: stochastic DDIM (needs noise=)
     'heun': SolverInfo(classical.heun, 2),
     'dpm': SolverInfo(classical.dpm, 2),
     'dpmpp': SolverInfo(classical.dpmpp, 1, (1, 2, 3), 3),

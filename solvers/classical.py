@@ -32,6 +32,28 @@ def euler(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return
     return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
 
 
+def ddim(net, x, sigmas, cond=None, *, eta=0.0, noise=None, afs=False, denoise_to_zero=False,
+         return_trajectory=False, **_):
+    """DDIM(eta) in sigma: x' = D + s_down (x - D) / s + s_up xi with s_up = min(s', eta s' sqrt(1 - s'^2 / s^2))
+    and s_down = sqrt(s'^2 - s_up^2), the VP DDIM update in VE units. eta = 0 is Euler, eta = 1 the ancestral
+    (DDPM posterior) step. xi = noise(step, x): per image (solvers.noise), so any batch or a parallel-in-time
+    solve draws the same numbers. 1 NFE per step."""
+    if eta and noise is None:
+        raise ValueError("ddim with eta > 0 needs a noise source (solvers.noise.ImageNoise of the images' seeds)")
+    traj = Trajectory(return_trajectory, x)
+    for i in range(len(sigmas) - 1):
+        s_cur, s_next = sigmas[i], sigmas[i + 1]
+        d, denoised = first_slope(net, x, s_cur, cond, afs and i == 0)
+        if eta:
+            s_up = torch.minimum(s_next, eta * s_next * torch.sqrt(1 - (s_next / s_cur) ** 2))
+            s_down = torch.sqrt(s_next ** 2 - s_up ** 2)
+            x = denoised + s_down * d + s_up * noise(i, x)
+        else:
+            x = x + (s_next - s_cur) * d
+        traj.add(x)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+
+
 def heun(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, **_):
     """EDM's second-order Heun method, corrected on every step (the grid ends at sigma_min > 0). 2 NFE per step."""
     traj = Trajectory(return_trajectory, x)

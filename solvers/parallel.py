@@ -1,191 +1,412 @@
-"""Parallel-in-time sampling: the whole trajectory of a sequential solver solved as one lower-triangular system by
-fixed-point iteration over a sliding window, every window evaluation in one batched denoiser call per iteration.
+"""Parallel-in-time sampling: a sequential solver's whole run solved as one lower-triangular system by fixed-point
+iteration over a sliding window, every evaluation of an iteration in one batched denoiser call.
 
-Methods: plain Picard iteration (ParaDiGMS: order = window, memory_size = 1) and Triangular Anderson Acceleration
-(ParaTAA: order-k unrolled equations, per-time-point Anderson mixing over the upstream residuals).
+The step form. Every solver here is explicit and affine in the initial noise, the denoiser outputs and the noise
+draws, with coefficients that depend only on the grid (and a learned predictor's tables). `trace_scheme` runs the
+sequential solver once on coefficient vectors instead of images and reads off, for its M evaluations in order,
 
-The step form used here is the affine one, x_{i+1} = a_i x_i + b_i D(x_i; s_i); Euler in sigma (= deterministic
-DDIM) has a_i = s_{i+1} / s_i, b_i = 1 - s_{i+1} / s_i. Indices run in sampling order: x_0 is the initial state
-(fixed), x_1 .. x_{N-1} are the unknowns.
+    e_m   = A_m z + sum_{j<m} B_mj D_j + sum_q N_mq xi_q,      D_j = D(e_j; s_j),     m = 0 .. M - 1,
+    out   = A_M z + sum_{j<M} B_Mj D_j + sum_q N_Mq xi_q,
 
-Stopping rules:
-- 'residual' (the references'): an index is converged when the RMS of its first-order residual is <= tol for
-  every image; the window's frozen start advances to the first unconverged index. A per-step tolerance does not
-  bound the final error (a small frozen error can flip a trajectory into another mode).
-- 'final': the frozen start advances only by what the triangular structure makes exact (one index per
-  iteration), and the run stops once the whole remaining trajectory is in the window and the final state changed
-  by at most `final_tol` (RMS per image) in the last iteration.
+z the unit latents, xi_q the noise draws. Unknowns 1..M are the evaluation inputs and the output (e_M = out).
+Multistep solvers (DPM-Solver++, UniPC, iPNDM, DEIS) and multi-stage ones (Heun, DPM-2, EPD's parallel points)
+need nothing else: their intermediate evaluations are further unknowns. AMED is not affine (a network of the
+state picks its times), so it has no step form.
+
+Equations. The order-k equation of unknown m anchors it at unknown a = max(m - k, f) (f: the window's frozen
+start) by the exact identity  e_m = r e_a + sum_j (B_mj - r B_aj) D_j + ...  with r = A_m / A_a, which cancels the
+latents. For DDIM this is the reference's order-k unrolled recursion; order 1 is the step-by-step recursion,
+order >= window the cumulative (Picard, ParaDiGMS) form. Iterating X <- X + R^(k)(X) makes unknowns 1..i exact
+after i iterations (the system is triangular), so M iterations reproduce the sequential run.
+
+Triangular Anderson acceleration (ParaTAA): unknown m mixes its last `memory_size` iterates with one small
+least-squares problem over the residuals of the unknowns it depends on (f, m], per image.
+
+Units. States are compared in VP units, x / sqrt(1 + sigma^2) (the DDIM states of the reference): tolerances,
+the Anderson inner products and the initial guess (new unknowns copy the last guess in these units). In VE units
+the state at sigma = 80 is 80 times larger and dominated the residuals: every tolerance was far tighter at high
+noise than at low noise and the Anderson weights saw only the first steps.
+
+Stopping rules (per image; images that stop leave the batched call):
+- 'residual' (the references'): an unknown is converged when the RMS of its first-order residual is <= tol; the
+  frozen start advances to the first unconverged unknown (it received a plain update from converged inputs).
+  A per-step tolerance does not bound the final error: a small frozen error can flip the image into another
+  mode of the data.
+- 'final': the frozen start advances only by what the triangular structure makes exact (one unknown per
+  iteration, or to the first unknown whose residual is not exactly 0), and the image stops when the window
+  reaches the output and the output changed by at most final_tol (RMS) in the last iteration.
 """
+from dataclasses import dataclass, field
+
 import torch
 
-from solvers.common import repeat_cond
-from solvers.schedules import get_schedule
-
 PARALLEL_METHODS = ('taa', 'picard')
-PARALLEL_SOLVERS = ('euler',)
 STOP_RULES = ('residual', 'final')
 
 
-def step_coefficients(solver, sigmas):
-    """(a, b) of the affine step form x_{i+1} = a_i x_i + b_i D(x_i; s_i), float64 [N - 1] each."""
-    if solver not in PARALLEL_SOLVERS:
-        raise ValueError(f"solver {solver!r} has no parallel step form yet; allowed: {', '.join(PARALLEL_SOLVERS)}")
-    s = sigmas.to(torch.float64)
-    a = s[1:] / s[:-1]
-    return a, 1 - a
+# -- the step form ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scheme:
+    """A sequential solver as a lower-triangular affine system (float64, on the CPU)."""
+    times: torch.Tensor       # [M] sigma passed to the denoiser at evaluation m
+    levels: torch.Tensor      # [M + 1] noise level of each unknown (the output's last)
+    coef_z: torch.Tensor      # [M + 1] coefficient of the unit latents
+    coef_d: torch.Tensor      # [M + 1, M] coefficients of the denoiser outputs, strictly lower triangular
+    coef_n: torch.Tensor      # [M + 1, Q] coefficients of the noise draws
+    noise_keys: list = field(default_factory=list)   # the Q keys the solver drew noise with, in order
+    rounds: int = 0           # sequential denoiser calls of the solver (its latency in rounds)
+
+    @property
+    def num_evals(self):
+        return len(self.times)
 
 
-def check_parallel_options(method, solver, num_steps, window_size, order, memory_size, max_steps, tol, stop,
-                           final_tol):
+class _Tracer:
+    """Stands in for the denoiser while tracing: records each row's input coefficients and sigma, and answers
+    with a fresh unit coefficient (D_m's column). Every other attribute is the real denoiser's."""
+
+    def __init__(self, net, width, offset):
+        self._net, self._width, self._offset = net, width, offset
+        self.inputs, self.times, self.calls = [], [], 0
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    def __call__(self, x, sigma, cond=None, return_bottleneck=False):
+        if return_bottleneck:
+            raise ValueError("this solver reads the denoiser's features to choose its steps (AMED), so it is not "
+                             "affine and has no parallel step form; use euler, ddim, dpmpp, unipc, ipndm, deis, "
+                             "heun, dpm or an EPD predictor")
+        self.calls += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        out = torch.zeros_like(x)
+        for row in range(x.shape[0]):
+            m = len(self.times)
+            self.inputs.append(x[row].reshape(-1).clone())
+            self.times.append(float(sigma[row]))
+            if self._width:
+                out[row].view(-1)[self._offset + m] = 1
+        return out
+
+
+class _NoiseTracer:
+    def __init__(self, width, offset):
+        self.width, self.offset, self.keys = width, offset, []
+
+    def __call__(self, key, like):
+        out = torch.zeros_like(like)
+        if self.width:
+            out.view(like.shape[0], -1)[:, self.offset + len(self.keys)] = 1
+        self.keys.append(key)
+        return out
+
+
+def trace_scheme(run, net, out_level):
+    """The step form of `run(net, latents, noise) -> output`, a sequential solver called on one flat 'image'.
+
+    run must draw every random number through `noise(key, like)` (None when it draws none). out_level: the noise
+    level of the output (the grid's last sigma, 0 after a final denoising)."""
+    def trace(width, m_off, q_off):
+        tracer, noise = _Tracer(net, width, m_off), _NoiseTracer(width, q_off)
+        z = torch.zeros(1, max(width, 1), dtype=torch.float64)
+        if width:
+            z[0, 0] = 1
+        with torch.no_grad():
+            out = run(tracer, z, noise)
+        return tracer, noise, out
+    tracer, noise, _ = trace(0, 0, 0)                  # count the evaluations and draws
+    M, Q = len(tracer.times), len(noise.keys)
+    tracer, noise, out = trace(1 + M + Q, 1, 1 + M)
+    if len(tracer.times) != M or len(noise.keys) != Q:
+        raise ValueError("the solver's evaluations changed between two traces; it has no fixed step form")
+    rows = torch.stack(tracer.inputs + [out.reshape(-1)]).to(torch.float64)        # [M + 1, 1 + M + Q]
+    coef_d = rows[:, 1:1 + M]
+    if M and bool((torch.triu(coef_d[:M], 0) != 0).any()):
+        raise ValueError("an evaluation depends on its own or a later denoiser output; the solver is not explicit")
+    levels = torch.tensor(tracer.times + [float(out_level)], dtype=torch.float64)
+    return Scheme(torch.tensor(tracer.times, dtype=torch.float64), levels, rows[:, 0].clone(), coef_d.clone(),
+                  rows[:, 1 + M:].clone(), list(noise.keys), tracer.calls)
+
+
+# -- options ---------------------------------------------------------------------------------------------------
+
+def check_parallel_options(method, num_evals, window_size=None, order=None, memory_size=None, max_steps=None,
+                           tol=1e-3, stop='residual', final_tol=None, lmd=1e-3):
     """Raise ValueError naming the bad option and what is allowed."""
     if method not in PARALLEL_METHODS:
         raise ValueError(f"unknown parallel method {method!r}; allowed: {', '.join(PARALLEL_METHODS)}")
-    if solver not in PARALLEL_SOLVERS:
-        raise ValueError(f"solver {solver!r} has no parallel step form yet; use one of: {', '.join(PARALLEL_SOLVERS)}")
-    steps = num_steps - 1
-    if window_size is not None and not 1 <= window_size <= steps:
-        raise ValueError(f"window_size={window_size} must be between 1 and the number of steps ({steps})")
+    if window_size is not None and not 1 <= window_size <= num_evals:
+        raise ValueError(f"window_size={window_size} must be between 1 and the number of denoiser evaluations of "
+                         f"the sequential run ({num_evals})")
     if order is not None and order < 1:
         raise ValueError(f"order={order} must be >= 1")
-    if memory_size < 1:
+    if memory_size is not None and memory_size < 1:
         raise ValueError(f"memory_size={memory_size} must be >= 1 (1 = no acceleration)")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps={max_steps} must be >= 1 (it caps the parallel iterations)")
-    if tol < 0:
+    if tol is None or tol < 0:
         raise ValueError(f"tol={tol} must be >= 0")
     if stop not in STOP_RULES:
         raise ValueError(f"unknown stop rule {stop!r}; allowed: {', '.join(STOP_RULES)}")
     if stop == 'final' and (final_tol is None or final_tol < 0):
-        raise ValueError("stop='final' needs final_tol >= 0 (the RMS change of the final state to stop at)")
+        raise ValueError("stop='final' needs final_tol >= 0 (the RMS change of the output to stop at)")
+    if lmd < 0:
+        raise ValueError(f"lmd={lmd} must be >= 0")
+
+
+def _index_cond(cond, index):
+    """The rows `index` of a condition (tensor, dict/list of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[index.to(cond.device)]
+    if isinstance(cond, dict):
+        return {k: _index_cond(v, index) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_index_cond(v, index) for v in cond)
+    return cond
+
+
+def evaluate_all(call, rows):
+    """The default evaluator: all rows of the window in one call (see torch_utils.distributed.split_evaluate)."""
+    return call(0, rows)
+
+
+# -- the solver ------------------------------------------------------------------------------------------------
+
+def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', window_size=None, order=None,
+                   memory_size=None, max_steps=None, tol=1e-3, stop='residual', final_tol=None, lmd=1e-3,
+                   return_iterates=False, init_trajectory=None, variation_steps=None, evaluate=evaluate_all):
+    """Solve `scheme` (from trace_scheme) from unit latents [B, ...] by fixed-point iteration.
+
+    window_size: unknowns updated per image per iteration (default: all). order: how many unknowns back each
+    equation is anchored (default: the window, the cumulative form). memory_size: TAA history (default 2 for
+    'taa'; 'picard' is memory 1, order = window). lmd: Tikhonov weight relative to the mean diagonal of each
+    Gram matrix. noise: a source `noise(key, like)` for stochastic schemes (every draw is made up front).
+    init_trajectory [M + 1, B, ...] with variation_steps K: start from a previous run's unknowns and re-solve
+    only the last K (the reference's warm start). evaluate(call, rows): how the rows of the batched call are
+    evaluated (e.g. split across workers); call(lo, hi) evaluates rows lo:hi.
+
+    Returns (output [B, ...] in the latents' dtype, stats) with stats: iterations (sequential rounds of the
+    batch), rounds [B] (per image), evals_per_image [B], residual [B] (largest first-order residual in the
+    image's last window, VP units), final_change [B], converged [B], trajectory [M + 1, B, ...] (float64), and
+    with return_iterates the output's estimate after every iteration [iters, B, ...].
+    """
+    M = scheme.num_evals
+    if memory_size is None:
+        memory_size = 2 if method == 'taa' else 1
+    check_parallel_options(method, M, window_size, order, memory_size, max_steps, tol, stop, final_tol, lmd)
+    if scheme.noise_keys and noise is None:
+        raise ValueError("this solver draws noise (eta > 0); pass a per-image noise source (solvers.noise)")
+    window = M if window_size is None else window_size
+    if method == 'picard':
+        memory_size, order = 1, window
+    order = window if order is None else order
+    dev, f64 = latents.device, torch.float64
+    B, shape = latents.shape[0], latents.shape[1:]
+    D = latents[0].numel()
+    sc = {k: getattr(scheme, k).to(dev) for k in ('times', 'levels', 'coef_z', 'coef_d', 'coef_n')}
+    vp = torch.sqrt(1 + sc['levels'] ** 2)                               # [M + 1] VP scale of each unknown
+    z = latents.reshape(B, D).to(f64)
+    base = sc['coef_z'][:, None, None] * z[None]                         # [M + 1, B, D] the known part
+    if scheme.noise_keys:
+        draws = torch.stack([noise(k, latents).reshape(B, D).to(f64) for k in scheme.noise_keys])   # [Q, B, D]
+        base = base + torch.einsum('mq,qbd->mbd', sc['coef_n'], draws)
+    if bool((sc['coef_d'][0] != 0).any()):
+        raise ValueError("the first evaluation depends on a denoiser output; the scheme has no known start")
+
+    X = torch.zeros((M + 1, B, D), dtype=f64, device=dev)
+    X[0] = base[0]
+    den = torch.zeros((M, B, D), dtype=f64, device=dev)                 # latest D of each evaluation
+    have = torch.zeros((M, B), dtype=torch.bool, device=dev)             # den holds a value
+    frozen = torch.zeros(B, dtype=torch.long, device=dev)               # unknowns 0..frozen are final
+    init_to = torch.zeros(B, dtype=torch.long, device=dev)              # unknowns 0..init_to hold a guess
+    if init_trajectory is not None:
+        init = torch.as_tensor(init_trajectory).to(device=dev, dtype=f64).reshape(-1, B, D)
+        if init.shape[0] != M + 1:
+            raise ValueError(f"the initial trajectory has {init.shape[0]} states, the solver {M + 1}; it comes "
+                             "from another solver or grid")
+        K = M if variation_steps is None else int(variation_steps)
+        if not 1 <= K <= M:
+            raise ValueError(f"variation_steps={K} must be between 1 and the number of evaluations ({M})")
+        X[1:] = init[1:]
+        frozen[:] = M - K
+        init_to[:] = M
+    m_idx = torch.arange(M + 1, device=dev)
+    j_idx = torch.arange(M, device=dev)
+    mem = memory_size
+    mem_x = torch.zeros((mem, M + 1, B, D), dtype=f64, device=dev) if mem > 1 else None   # newest first
+    mem_r = torch.zeros_like(mem_x) if mem > 1 else None
+    count = torch.zeros((M + 1, B), dtype=torch.long, device=dev)
+    active = frozen < M
+    rounds = torch.zeros(B, dtype=torch.long)
+    evals = torch.zeros(B, dtype=torch.long)
+    residual = torch.full((B,), float('nan'), dtype=f64)
+    change = torch.full((B,), float('nan'), dtype=f64)
+    iterates = []
+    cap = max_steps if max_steps is not None else M      # the triangular system is exact after M rounds
+    iterations = 0
+    while bool(active.any()) and iterations < cap:
+        end = torch.clamp(frozen + window, max=M)                        # unknowns (frozen, end] are updated
+        # New unknowns copy the last guess, in VP units.
+        grow = active & (init_to < end)
+        for b in torch.nonzero(grow).reshape(-1).tolist():
+            lo, hi = int(init_to[b]), int(end[b])
+            X[lo + 1:hi + 1, b] = X[lo, b] / vp[lo] * vp[lo + 1:hi + 1, None]
+            init_to[b] = hi
+        upd = active[None] & (m_idx[:, None] > frozen[None]) & (m_idx[:, None] <= end[None])   # [M + 1, B]
+        # Anchors and coefficients of the order-k and first-order equations.
+        coef_k, anchor_k, ratio_k = _equations(sc, frozen, order, m_idx)
+        coef_1, anchor_1, ratio_1 = _equations(sc, frozen, 1, m_idx)
+        # Evaluations: the window's own, plus any earlier ones the equations need and den lacks (warm start).
+        need = (active[None] & (j_idx[:, None] >= frozen[None]) & (j_idx[:, None] < end[None]))
+        uses = ((coef_k.abs() + coef_1.abs()) * upd[..., None]).sum(0).T > 0          # [M, B]
+        need = need | (uses & ~have & active[None])
+        jj, bb = torch.nonzero(need, as_tuple=True)
+        order_rows = torch.argsort(bb * (M + 1) + jj)                    # image-major: an image's points adjacent
+        jj, bb = jj[order_rows], bb[order_rows]
+        rows_x = X[jj, bb].reshape((-1,) + shape).to(latents.dtype)
+        rows_s = sc['times'][jj].to(latents.dtype)
+        rows_c = _index_cond(cond, bb)
+
+        def call(lo, hi):
+            with torch.no_grad():
+                return net(rows_x[lo:hi], rows_s[lo:hi], _index_cond(rows_c, torch.arange(lo, hi))
+                           if rows_c is not None else None).reshape(hi - lo, D)
+        out = evaluate(call, len(jj))
+        den[jj, bb] = out.to(f64)
+        have[jj, bb] = True
+        evals += torch.bincount(bb.cpu(), minlength=B)
+        rounds += active.cpu().long()
+        iterations += 1
+        # Residuals of the updated unknowns.
+        rhs_k = _rhs(X, base, den, coef_k, anchor_k, ratio_k)
+        rhs_1 = _rhs(X, base, den, coef_1, anchor_1, ratio_1)
+        rk = (rhs_k - X) * upd[..., None]
+        r1 = _rms((rhs_1 - X) / vp[:, None, None]) * upd                 # [M + 1, B]
+        residual = torch.where(active.cpu(), r1.max(0).values.cpu(), residual)
+        # First unconverged unknown per image (the end of the window if none).
+        if stop == 'residual':
+            bad = upd & (r1 > tol)
+        else:
+            bad = upd & (r1 > 0)
+        first_bad = torch.where(bad.any(0), torch.where(bad, m_idx[:, None], M + 1).min(0).values, end)
+        new = X + rk
+        if mem > 1:
+            new = _taa(new, X, rk, upd, mem_x, mem_r, count, first_bad, frozen, vp, lmd, m_idx)
+        out_before = X[M].clone()
+        X = torch.where(upd[..., None], new, X)
+        change = torch.where(active.cpu() & (end == M).cpu(), _rms((X[M] - out_before)[None])[0].cpu() / vp[M].cpu(),
+                             torch.full_like(change, float('nan')) if iterations == 1 else change)
+        if return_iterates:
+            iterates.append(X[M].clone())
+        # Advance the frozen start.
+        if stop == 'residual':
+            frozen = torch.where(active, first_bad, frozen)
+        else:
+            frozen = torch.where(active, torch.maximum(frozen + 1, torch.minimum(first_bad, end)), frozen)
+            done = active & (end == M) & (change.to(dev) <= final_tol)
+            frozen = torch.where(done, torch.full_like(frozen, M), frozen)
+        frozen = torch.clamp(frozen, max=M)
+        active = frozen < M
+    stats = dict(iterations=iterations, rounds=rounds, evals_per_image=evals, residual=residual,
+                 final_change=change, converged=(frozen >= M).cpu(), trajectory=X.reshape((M + 1, B) + shape),
+                 sequential_rounds=scheme.rounds)
+    if return_iterates:
+        stats['iterates'] = torch.stack(iterates).reshape((-1, B) + shape).to(latents.dtype)
+    return X[M].reshape((B,) + shape).to(latents.dtype), stats
 
 
 def _rms(x):
-    """RMS over everything but the first two axes ([P, B, ...] -> [P, B])."""
-    return x.flatten(2).pow(2).mean(-1).sqrt()
+    """RMS over the last axis ([..., D] -> [...])."""
+    return x.pow(2).mean(-1).sqrt()
 
 
-def parallel_sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0,
-                    sigma_min=None, sigma_max=None, sigmas=None, cond=None, method='taa', window_size=None,
-                    order=None, memory_size=None, max_steps=None, tol=1e-3, stop='residual', final_tol=None,
-                    lmd=1e-3, return_iterates=False, **_):
-    """Solve the trajectory of `solver` from unit-Gaussian `latents` [B, C, H, W] in parallel.
-
-    window_size: time points evaluated per iteration (default: all steps). order: how many steps back each
-    equation reaches (default: the window, i.e. the cumulative Picard form). memory_size: TAA history (default 2
-    for 'taa'; 'picard' is memory 1). lmd: Tikhonov weight relative to the mean diagonal of each Gram matrix.
-    Returns (samples, stats) with stats = dict(iterations (sequential rounds), evals_per_image, residual (largest
-    first-order RMS residual in the last window), final_change, converged, and with return_iterates the final
-    state after every iteration [iters, B, ...]). Algebra in float64; the output has the latents' dtype.
-    """
-    sigma_min = net.sigma_min if sigma_min is None else float(sigma_min)
-    sigma_max = net.sigma_max if sigma_max is None else float(sigma_max)
-    if sigmas is not None:
-        num_steps = len(sigmas)
-    if memory_size is None:
-        memory_size = 2 if method == 'taa' else 1
-    check_parallel_options(method, solver, num_steps, window_size, order, memory_size, max_steps, tol, stop,
-                           final_tol)
-    if method == 'picard':
-        memory_size, order = 1, None
-    if sigmas is None:
-        sigmas = get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, net=net)
-    sigmas = torch.as_tensor(sigmas).to(device=latents.device, dtype=torch.float64)
-    steps = num_steps - 1
-    window = steps if window_size is None else window_size
-    order = window if order is None else order
-    a, b = step_coefficients(solver, sigmas)
-    cum = torch.cat([torch.ones(1, dtype=torch.float64, device=a.device), torch.cumprod(a, 0)])   # C_j
-    batch, shape = latents.shape[0], latents.shape[1:]
-    expand = (-1,) + (1,) * (len(shape) + 1)
-
-    X = torch.zeros((num_steps, batch) + shape, dtype=torch.float64, device=latents.device)
-    X[0] = latents.to(torch.float64) * sigmas[0]
-    m = memory_size
-    mem_x = torch.zeros((m,) + X.shape, dtype=torch.float64, device=X.device)   # newest first
-    mem_r = torch.zeros_like(mem_x)
-    count = torch.zeros(num_steps, dtype=torch.long, device=X.device)
-    frozen, initialised = 0, 0      # x_0..x_frozen are final; x_0..x_initialised hold a guess
-    iterations = evals = 0
-    residual = final_change = float('nan')
-    iterates = []
-    cap = max_steps if max_steps is not None else steps   # the triangular system is exact after `steps` rounds
-    while frozen < steps and iterations < cap:
-        end = min(frozen + window, steps)
-        if initialised < end:       # new indices copy the last guess
-            X[initialised + 1:end + 1] = X[initialised]
-            initialised = end
-        p = torch.arange(frozen, end, device=X.device)               # evaluation points, update indices p + 1
-        rows = X[frozen:end].transpose(0, 1).reshape((-1,) + shape)  # image-major: image b's points adjacent
-        with torch.no_grad():
-            den = net(rows.to(latents.dtype), sigmas[frozen:end].repeat(batch).to(latents.dtype),
-                      repeat_cond(cond, end - frozen))
-        den = den.to(torch.float64).reshape((batch, end - frozen) + shape).transpose(0, 1)
-        iterations += 1
-        evals += end - frozen
-        bd = b[p].view(expand) * den                                 # b_p D_p  [P, B, ...]
-        old = X[frozen + 1:end + 1]
-        r1 = a[p].view(expand) * X[frozen:end] + bd - old            # first-order residual
-        # order-k right-hand side: x_j = C_j (x_m / C_m + sum_{p=m}^{j-1} b_p D_p / C_{p+1}), m = max(j - k, frozen)
-        j = p + 1
-        anchor = torch.clamp(j - order, min=frozen)
-        prefix = torch.cat([torch.zeros_like(bd[:1]), torch.cumsum(bd / cum[j].view(expand), 0)])  # S at frozen..end
-        rhs = cum[j].view(expand) * (X[anchor] / cum[anchor].view(expand) + prefix[j - frozen]
-                                     - prefix[anchor - frozen])
-        rk = rhs - old
-        res = _rms(r1).amax(1)                                       # [P] worst image per index
-        residual = float(res.max())
-        if stop == 'residual':
-            bad = torch.nonzero(res > tol)
-            first_bad = int(bad[0]) if len(bad) else end - frozen    # window position of the first unconverged
-        else:
-            first_bad = 0
-        new = old + rk
-        if m > 1:
-            new = _taa_update(new, old, rk, mem_x, mem_r, count, frozen, end, first_bad, lmd)
-        final_before = X[end].clone()
-        X[frozen + 1:end + 1] = new
-        if return_iterates:
-            iterates.append(X[end].clone())
-        final_change = float(_rms((X[end] - final_before)[None]).max()) if end == steps else float('nan')
-        if stop == 'residual':
-            # the first unconverged index got a plain update from converged inputs: it is final too
-            frozen = min(frozen + 1 + first_bad, end)
-        else:
-            frozen += 1
-            if end == steps and final_change <= final_tol:
-                frozen = steps
-    stats = dict(iterations=iterations, evals_per_image=evals, residual=residual, final_change=final_change,
-                 converged=frozen >= steps)
-    if return_iterates:
-        stats['iterates'] = torch.stack(iterates).to(latents.dtype)
-    return X[steps].to(latents.dtype), stats
+def _equations(sc, frozen, order, m_idx):
+    """Per unknown m and image b: the anchor a = max(m - order, frozen_b) (clamped below m), the ratio
+    r = A_m / A_a (0 where A_a = 0: the cumulative form from the latents) and the coefficients of the denoiser
+    outputs B_m - r B_a, [M + 1, B, M]."""
+    anchor = torch.maximum(m_idx[:, None] - order, frozen[None])
+    anchor = torch.minimum(anchor, torch.clamp(m_idx[:, None] - 1, min=0))
+    A = sc['coef_z']
+    A_a = A[anchor]
+    ratio = torch.where(A_a != 0, A[:, None] / torch.where(A_a != 0, A_a, torch.ones_like(A_a)),
+                        torch.zeros_like(A_a))
+    coef = sc['coef_d'][:, None, :] - ratio[..., None] * sc['coef_d'][anchor]
+    return coef, anchor, ratio
 
 
-def _taa_update(new, old, rk, mem_x, mem_r, count, frozen, end, first_bad, lmd):
-    """Triangular Anderson mixing for the window positions after the first unconverged one: each index solves its
-    own small least-squares problem over the residual differences of the indices it depends on (prefix sums over
-    the window, frozen + 1 .. itself), per image."""
-    idx = slice(frozen + 1, end + 1)
+def _rhs(X, base, den, coef, anchor, ratio):
+    """r X_a + (base_m - r base_a) + sum_j coef_mj D_j, for every unknown and image [M + 1, B, D]."""
+    b_idx = torch.arange(X.shape[1], device=X.device)[None].expand_as(anchor)
+    r = ratio[..., None]
+    return (r * X[anchor, b_idx] + base - r * base[anchor, b_idx]
+            + torch.einsum('mbj,jbd->mbd', coef, den))
+
+
+def _taa(new, old, rk, upd, mem_x, mem_r, count, first_bad, frozen, vp, lmd, m_idx):
+    """Triangular Anderson mixing: unknown m of image b (after b's first unconverged unknown, with history)
+    solves its own least-squares problem over the residual differences of the unknowns (frozen_b, m] it depends
+    on, inner products in VP units; the update is x + R - sum_j gamma_j (dX_j + dR_j)."""
     m = mem_x.shape[0]
-    mem_x[:, idx] = torch.roll(mem_x[:, idx], 1, 0)
-    mem_r[:, idx] = torch.roll(mem_r[:, idx], 1, 0)
-    mem_x[0, idx], mem_r[0, idx] = old, rk
-    count[idx] = torch.clamp(count[idx] + 1, max=m)
-    cnt = count[idx]                                            # [P]
-    if int(cnt.max()) < 2:
+    push = upd[None, ..., None]
+    mem_x.copy_(torch.where(push, torch.cat([old[None], mem_x[:-1]]), mem_x))
+    mem_r.copy_(torch.where(push, torch.cat([rk[None], mem_r[:-1]]), mem_r))
+    count.copy_(torch.where(upd, torch.clamp(count + 1, max=m), count))
+    if int((count * upd).max()) < 2:
         return new
-    dx = (mem_x[:-1, idx] - mem_x[1:, idx])                     # [m-1, P, B, ...] newest differences first
-    dr = (mem_r[:-1, idx] - mem_r[1:, idx])
-    valid = (torch.arange(m - 1, device=cnt.device)[:, None] < (cnt - 1)[None]).to(dx.dtype)   # [m-1, P]
-    vshape = valid.shape + (1,) * (dx.ndim - 2)
-    dx, dr = dx * valid.view(vshape), dr * valid.view(vshape)
-    drf, rkf = dr.flatten(3), rk.flatten(2)                     # [m-1, P, B, D], [P, B, D]
-    gram = torch.cumsum(torch.einsum('jpbd,lpbd->pbjl', drf, drf), 0)       # prefix over the window
-    rhs = torch.cumsum(torch.einsum('jpbd,pbd->pbj', drf, rkf), 0)
+    w = (1 / vp)[None, :, None, None]
+    valid = (torch.arange(m - 1, device=count.device)[:, None, None] < (count - 1)[None]) & upd[None]   # [m-1, M+1, B]
+    dx = (mem_x[:-1] - mem_x[1:]) * valid[..., None]
+    dr = (mem_r[:-1] - mem_r[1:]) * valid[..., None]
+    drw, rkw = dr * w, rk * w[0]
+    gram = torch.cumsum(torch.einsum('jmbd,lmbd->mbjl', drw, drw), 0)   # prefix over the unknowns (upstream)
+    rhs = torch.cumsum(torch.einsum('jmbd,mbd->mbj', drw, rkw), 0)
     eye = torch.eye(m - 1, dtype=gram.dtype, device=gram.device)
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)[..., None, None]
-    gamma = torch.linalg.solve(gram + lmd * scale * eye + 1e-300 * eye, rhs[..., None])[..., 0]   # [P, B, m-1]
-    use = (torch.arange(len(cnt), device=cnt.device) > first_bad) & (cnt >= 2)
-    gamma = gamma * use.to(gamma.dtype)[:, None, None]
-    mix = torch.einsum('pbj,jpbd->pbd', gamma, (dx + dr).flatten(3)).view(new.shape)
+    gamma = torch.linalg.solve(gram + (lmd * scale + 1e-300) * eye, rhs[..., None])[..., 0]       # [M+1, B, m-1]
+    use = upd & (m_idx[:, None] > first_bad[None]) & (count >= 2)
+    gamma = gamma * use[..., None] * valid.permute(1, 2, 0)
+    mix = torch.einsum('mbj,jmbd->mbd', gamma, dx + dr)
     return new - mix
+
+
+# -- any registered solver or EPD predictor --------------------------------------------------------------------
+
+def solver_scheme(net, solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, sigma_min=None,
+                  sigma_max=None, sigmas=None, predictor=None, denoise_to_zero=False, eta=0.0, **options):
+    """The step form of a registered solver's run (the options of solvers.sample) or of a learned predictor's."""
+    import solvers
+    if predictor is not None:
+        grid = predictor.schedule(net).to(torch.float64)
+        return trace_scheme(lambda tnet, z, noise: predictor.sample(tnet, z), net, float(grid[-1]))
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(sorted(solvers.SOLVERS))}")
+    if sigmas is not None:
+        grid, ends_at_zero = solvers.check_grid(sigmas)
+        denoise_to_zero = denoise_to_zero or ends_at_zero
+    else:
+        grid = solvers.get_schedule(num_steps, net.sigma_min if sigma_min is None else float(sigma_min),
+                                    net.sigma_max if sigma_max is None else float(sigma_max), schedule_type,
+                                    schedule_rho, net=net)
+    if eta:
+        if solver != 'ddim':
+            raise ValueError(f"eta={eta} is for solver 'ddim' (stochastic DDIM); {solver!r} is deterministic")
+        options = dict(options, eta=eta)
+    opts = dict(options, solver=solver, num_steps=num_steps, schedule_type=schedule_type, schedule_rho=schedule_rho,
+                sigma_min=sigma_min, sigma_max=sigma_max, sigmas=sigmas, denoise_to_zero=denoise_to_zero)
+    out_level = 0.0 if denoise_to_zero else float(grid[-1])
+    return trace_scheme(lambda tnet, z, noise: solvers.sample(tnet, z, noise=noise, **opts), net, out_level)
+
+
+PARALLEL_KEYS = ('method', 'window_size', 'order', 'memory_size', 'max_steps', 'tol', 'stop', 'final_tol', 'lmd',
+                 'return_iterates', 'init_trajectory', 'variation_steps', 'evaluate')
+
+
+def parallel_sample(net, latents, cond=None, noise=None, **options):
+    """solvers.sample's run (same options, or predictor=) solved in parallel; the parallel options are those of
+    solve_parallel. Returns (samples, stats)."""
+    par = {k: options.pop(k) for k in PARALLEL_KEYS if k in options}
+    scheme = solver_scheme(net, **options)
+    return solve_parallel(net, scheme, latents, cond=cond, noise=noise, **par)
