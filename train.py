@@ -371,10 +371,10 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                 state = dict(predictor=predictor.state_dict(), optimizer=optimizer.state_dict(), iteration=done,
                              scheduler=scheduler.state_dict() if scheduler is not None else None)
                 atomic_write(state_path, lambda f: torch.save(state, f))
-                training.save_predictor(predictor, run_dir)
+                training.save_predictor(predictor, run_dir, progress=(done, total_iters))
         dist.barrier()
     if rank == 0:
-        training.save_predictor(predictor, run_dir)
+        training.save_predictor(predictor, run_dir, progress=(total_iters, total_iters))
         log(f'Done: predictor in {run_dir} ({time.time() - start:.1f} s)')
 
 

@@ -277,6 +277,7 @@ def test_amed_resume_with_a_plain_number_continues_the_run(tmp_path):
     shutil.copytree(full, killed)
     shutil.copy(short / 'training-state.pt', killed / 'training-state.pt')
     before = _stats(killed)
+    assert json.loads((short / 'predictor.json').read_text())['training'] == dict(iteration=3, total_iterations=3)
     result = run_cli(['train.py', f'--resume={killed}'])
     assert 'Resuming' in result.stdout and 'at iteration 3 of 5' in result.stdout
     # The short run, extended by --total_kimg only.
@@ -289,7 +290,8 @@ def test_amed_resume_with_a_plain_number_continues_the_run(tmp_path):
         assert [r['iteration'] for r in stats] == [1, 2, 3, 4, 5], folder
         secs = [r['sec'] for r in stats]
         assert secs == sorted(secs)
-        assert json.loads((folder / 'predictor.json').read_text())['sampler_stu'] == 'amed'
+        meta = json.loads((folder / 'predictor.json').read_text())
+        assert meta['sampler_stu'] == 'amed' and meta['training'] == dict(iteration=5, total_iterations=5)
     # The reported time covers the whole run: the resumed iterations start after the time already spent.
     assert _stats(killed)[3]['sec'] >= before[-1]['sec']
     assert json.loads((short / 'training_options.json').read_text())['total_kimg'] == 0.02
@@ -298,3 +300,18 @@ def test_amed_resume_with_a_plain_number_continues_the_run(tmp_path):
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert "--sampler_stu=epd contradicts the run's sampler_stu=amed" in result.stderr.strip().splitlines()[-1]
     assert [r['iteration'] for r in _stats(killed)] == [1, 2, 3, 4, 5]
+
+
+def test_predictor_of_an_unfinished_run_samples_with_a_notice(tmp_path):
+    pred = EPDPredictor(epd_settings(dataset_name='gmm_2d', sample_shape=[2, 1, 1]))
+    training.save_predictor(pred, tmp_path / 'unfinished', progress=(30, 100))
+    training.save_predictor(pred, tmp_path / 'finished', progress=(100, 100))
+    assert training.load_predictor(tmp_path / 'unfinished').settings == pred.settings    # progress is not a setting
+    result = run_cli(['sample.py', f'--predictor_path={tmp_path / "unfinished"}', '--seeds=0-1',
+                      f'--outdir={tmp_path / "a"}'])
+    notes = [line for line in result.stdout.splitlines() if 'unfinished run' in line]
+    assert len(notes) == 1 and 'iteration 30 of 100' in notes[0] and str(tmp_path / 'unfinished') in notes[0]
+    assert (tmp_path / 'a' / '000000' / '000001.npz').is_file()
+    result = run_cli(['sample.py', f'--predictor_path={tmp_path / "finished"}', '--seeds=0-1',
+                      f'--outdir={tmp_path / "b"}'])
+    assert 'unfinished' not in result.stdout and 'images: 2 new' in result.stdout
