@@ -251,6 +251,9 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     if predictor_path is not None:
         import training
         predictor = training.load_predictor(predictor_path)
+        notice = training.unfinished_notice(predictor, training.resolve_predictor_path(predictor_path))
+        if notice:
+            dist.print0(notice, flush=True)
         meta = predictor.settings
         cfg = configs.load_config(dataset_name or meta['dataset_name'])
         if cfg['dataset_name'] != meta['dataset_name']:

@@ -11,6 +11,7 @@ import time
 
 import click
 import torch
+from click.core import ParameterSource
 
 import configs
 import models
@@ -23,6 +24,8 @@ from torch_utils.plots import loss_curve
 
 STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin
 STATE_FILE = 'training-state.pt'
+OPTIONS_FILE = 'training_options.json'
+STATS_FILE = 'stats.jsonl'
 
 
 # Options a dataset config's `train:` section may set; the command line overrides both.
@@ -78,6 +81,78 @@ def next_run_dir(outdir, name):
             continue
 
 
+def resume_folder(resume, outdir):
+    """The experiment folder --resume names (a folder or an experiment number in outdir); refuses files and folders
+    that hold no training_options.json."""
+    path = str(resume)
+    if os.path.isfile(path):
+        raise UsageError(f"--resume={resume} is a file; give the experiment's folder or its number (e.g. --resume=1)")
+    folder = path if os.path.isdir(path) else None
+    if folder is None and re.fullmatch(r'\d+', path) and os.path.isdir(outdir):
+        matches = sorted(d for d in os.listdir(outdir) if d.startswith(f'{int(path):05d}-'))
+        folder = os.path.join(outdir, matches[0]) if matches else None
+    if folder is None:
+        raise UsageError(f"--resume={resume}: no such folder, and no experiment {path} in --outdir={outdir}")
+    if not os.path.isfile(os.path.join(folder, OPTIONS_FILE)):
+        raise UsageError(f"--resume={resume}: {folder} is not an experiment folder (it has no {OPTIONS_FILE}); give "
+                         f"an {outdir}/NNNNN-* folder or its number")
+    return folder
+
+
+def recorded_values(options):
+    """The command-line values a run was started with, read back from its training_options.json."""
+    s = options['settings']
+    values = {k: s[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'afs', 'scale_dir', 'scale_time',
+                                'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max',
+                                'max_order', 'predict_x0', 'lower_order_final', 'guidance_type', 'guidance_rate',
+                                'dtype') if k in s}
+    values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'coslr', 'seed', 'model_path', 'prompt_path',
+                                           'classifier_path') if k in options})
+    values['dataset_name'] = options.get('dataset_config', s['dataset_name'])
+    if s['predictor'] == 'epd':
+        values['num_points'] = s['num_points']
+    if s['sampler_stu'] == 'ipndm':                  # the plugin only means something for the iPNDM student
+        values['plugin'] = options.get('plugin', s['predictor'])
+    return values
+
+
+def same_value(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def resume_options(kwargs, explicit):
+    """The options of a resumed run: those recorded in its training_options.json. An option given on the command line
+    must agree with the record (total_kimg may change: a run can be extended); refuses in one line otherwise."""
+    folder = resume_folder(kwargs['resume'], kwargs['outdir'])
+    with open(os.path.join(folder, OPTIONS_FILE)) as f:
+        recorded = recorded_values(json.load(f))
+    if 'desc' in explicit:
+        raise UsageError(f"--desc names a new run's folder; drop it when resuming {folder}")
+    for name in sorted(explicit & set(recorded)):
+        if name != 'total_kimg' and not same_value(kwargs[name], recorded[name]):
+            raise UsageError(f"--{name}={kwargs[name]} contradicts the run's {name}={recorded[name]} ({folder}/"
+                             f"{OPTIONS_FILE}); drop --{name} to resume this run, or start a new one")
+    merged = dict(kwargs, resume=folder)
+    merged.update({k: v for k, v in recorded.items() if k not in explicit})
+    return merged
+
+
+def read_stats(path):
+    """The records of stats.jsonl (a line cut short by a kill is skipped)."""
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    return records
+
+
 class Logger:
     def __init__(self, path):
         self.file = open(path, 'a') if path else None
@@ -125,13 +200,18 @@ class Logger:
 @click.option('--snap', metavar='INT', type=click.IntRange(min=1), default=10, help='Save the training state every N iterations')
 @click.option('--outdir', metavar='DIR', default='exps', help='Where experiment folders go')
 @click.option('--desc', metavar='STR', default=None, help='Extra text for the folder name')
-@click.option('--resume', metavar='DIR|INT', default=None, help='Continue an experiment from its last saved state')
+@click.option('--resume', metavar='DIR|INT', default=None, help='Continue an experiment from its last saved state, with its recorded options (--total_kimg may extend it)')
 @click.option('--dtype', metavar='NAME', type=click.Choice(['float32', 'float64']), default=None, help='Training dtype [default: float32]')
 @click.option('--device', metavar='DEV', default=None, help='[default: cuda if available]')
 @click.option('-n', '--dry-run', 'dry_run', is_flag=True, help='Print the options and exit')
 def main(**kwargs):
     """Distil a learned-solver predictor into exps/NNNNN-<dataset>-<steps>-<nfe>-<stu>-<tea>-<M>-<schedule>[-afs]."""
+    ctx = click.get_current_context()
+    explicit = {k for k in kwargs if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT,
+                                                                          ParameterSource.DEFAULT_MAP, None)}
     try:
+        if kwargs['resume'] is not None:
+            kwargs = resume_options(kwargs, explicit)
         run(**kwargs)
     except (UsageError, ValueError, models.ModelError, OSError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
@@ -192,18 +272,28 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-afs' if afs else '') + (f'-{desc}' if desc else '')
     options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
-                   seed=seed, world_size=world, model_path=model_path, prompt_path=prompt_path)
+                   seed=seed, world_size=world, model_path=model_path, prompt_path=prompt_path,
+                   dataset_config=dataset_name, plugin=plugin)
     if dry_run:
         dist.print0(json.dumps(dict(options, run_dir=os.path.join(outdir, 'NNNNN-' + name)), indent=2))
         return
     if resume is not None:
-        run_dir = training.resolve_predictor_path(resume, outdir)
+        run_dir = resume
+        with open(os.path.join(run_dir, OPTIONS_FILE)) as f:
+            before = json.load(f)
+        # The same options must give the same settings; a difference means the model or its config has changed.
+        now = json.loads(json.dumps(settings))
+        for key in sorted(set(before['settings']) | set(now)):
+            if not same_value(before['settings'].get(key), now.get(key)):
+                raise UsageError(f"--resume={run_dir}: the run was trained with {key}={before['settings'].get(key)!r}, "
+                                 f"which is now {now.get(key)!r} (has the model or its config changed?); start a new "
+                                 "run")
     else:
         run_dir = dist.broadcast_object(next_run_dir(outdir, name) if rank == 0 else None)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if resume is None:
-            atomic_write(os.path.join(run_dir, 'training_options.json'),
+            atomic_write(os.path.join(run_dir, OPTIONS_FILE),
                          json.dumps(dict(options, run_dir=run_dir), indent=2).encode())
     dist.barrier()
     log = Logger(os.path.join(run_dir, 'log.txt'))
@@ -215,21 +305,38 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iters, eta_min=lr * 0.01) \
         if coslr else None
     start_iter = 0
-    state_path = os.path.join(run_dir, STATE_FILE)
-    if resume is not None and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=True)   # tensors and plain containers only
-        predictor.load_state_dict(state['predictor'])
-        optimizer.load_state_dict(state['optimizer'])
-        if scheduler is not None and state.get('scheduler'):
-            scheduler.load_state_dict(state['scheduler'])
-        start_iter = int(state['iteration'])
-        log(f'Resuming {run_dir} at iteration {start_iter} of {total_iters}')
+    state_path, stats_path = os.path.join(run_dir, STATE_FILE), os.path.join(run_dir, STATS_FILE)
+    elapsed = 0.0          # seconds already spent on this run (before a resume)
+    if resume is not None:
+        if os.path.isfile(state_path):
+            state = torch.load(state_path, map_location=device, weights_only=True)   # tensors and containers only
+            predictor.load_state_dict(state['predictor'])
+            optimizer.load_state_dict(state['optimizer'])
+            if scheduler is not None and state.get('scheduler'):
+                scheduler.load_state_dict(state['scheduler'])
+                scheduler.T_max = total_iters     # an extended run stretches the cosine to its new end from here on
+            start_iter = int(state['iteration'])
+        if start_iter > total_iters:
+            raise UsageError(f"--total_kimg={total_kimg} is less than the {start_iter * batch / 1000:g} kimg this run "
+                             "has already trained; give a larger --total_kimg or leave it out")
+        records = read_stats(stats_path)
+        # The time of every iteration run so far (those after the last snapshot included), and the records up to
+        # the snapshot only: the iterations after it are trained again.
+        elapsed = max([float(r.get('sec', 0)) for r in records] + [0.0])
+        if rank == 0:
+            kept = ''.join(json.dumps(r) + '\n' for r in records if r.get('iteration', 0) <= start_iter)
+            atomic_write(stats_path, kept.encode())
+            if total_kimg != before['total_kimg']:
+                atomic_write(os.path.join(run_dir, OPTIONS_FILE),
+                             json.dumps(dict(before, total_kimg=total_kimg), indent=2).encode())
+        dist.barrier()
+        log(f'Resuming {run_dir} at iteration {start_iter} of {total_iters} ({elapsed:.1f} s so far)')
     else:
         log(f'Training {kind} ({sampler_stu}, teacher {sampler_tea}, {num_steps} time points, NFE {nfe}) into {run_dir}')
 
     per_rank = batch // world
     cap = batch_gpu or per_rank
-    start = time.time()
+    start = time.time() - elapsed
     for it in range(start_iter, total_iters):
         optimizer.zero_grad(set_to_none=True)
         step_losses = torch.zeros(num_steps - 1, dtype=torch.float64, device=device)
@@ -256,7 +363,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
             stats = dict(iteration=done, kimg=done * batch / 1000, loss=total.item(),
                          step_losses=[round(v, 8) for v in step_losses.tolist()], lr=optimizer.param_groups[0]['lr'],
                          sec=round(time.time() - start, 3))
-            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+            with open(stats_path, 'a') as f:
                 f.write(json.dumps(stats) + '\n')
             if done % max(1, total_iters // 20) == 0 or done == total_iters:
                 log(f"iter {done}/{total_iters} kimg {stats['kimg']:.3f} loss {stats['loss']:.6g} "
@@ -265,10 +372,10 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                 state = dict(predictor=predictor.state_dict(), optimizer=optimizer.state_dict(), iteration=done,
                              scheduler=scheduler.state_dict() if scheduler is not None else None)
                 atomic_write(state_path, lambda f: torch.save(state, f))
-                training.save_predictor(predictor, run_dir)
+                training.save_predictor(predictor, run_dir, progress=(done, total_iters))
         dist.barrier()
     if rank == 0:
-        training.save_predictor(predictor, run_dir)
+        training.save_predictor(predictor, run_dir, progress=(total_iters, total_iters))
         if os.path.isfile(os.path.join(run_dir, 'stats.jsonl')):
             loss_curve(os.path.join(run_dir, 'stats.jsonl'), os.path.join(run_dir, 'loss.png'),
                        title=os.path.basename(run_dir))

@@ -104,6 +104,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     proc.wait()
     assert stats is not None, 'the run ended before it could be killed'
     run_cli(train_args(tmp_path / 'killed', '--total_kimg=0.06', '--snap=1', '--resume=1'))
+    iterations = [r['iteration'] for r in _stats(next((tmp_path / 'killed').glob('00001-*')))]
+    assert iterations == list(range(1, 16))        # no iteration twice, none missing
     a = load_file(next((tmp_path / 'full').glob('00001-*/predictor.safetensors')))
     b = load_file(next((tmp_path / 'killed').glob('00001-*/predictor.safetensors')))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -205,3 +207,111 @@ def test_rmse_objective_is_the_final_error_to_the_exact_solution(gmm_image):
     exact = solvers.solve_exact(gmm_image, z * 80.0, 80.0, 0.002, rtol=1e-9, atol=1e-9)
     rmse = ((pred.sample(gmm_image, z) - exact).flatten(1).norm(dim=1) / (3 * 32 * 32) ** 0.5).mean()
     assert abs(loss.item() - rmse.item()) < 1e-5 * rmse.item()
+
+
+def _options_record(**settings):
+    """A training_options.json as train.py writes it (an iPNDM-plugin run with max_order 3)."""
+    s = dict(epd_settings(sampler_stu='ipndm', max_order=3), predictor='epd', guidance_type=None, guidance_rate=None,
+             predict_x0=True, lower_order_final=True, dtype='float64')
+    s.update(settings)
+    return dict(settings=s, batch=4, batch_gpu=None, total_kimg=0.02, lr=0.05, coslr=False, seed=0, world_size=1,
+                model_path=SMALL.split('=', 1)[1], prompt_path=None, dataset_config='gmm_image', plugin='epd')
+
+
+def test_resume_takes_the_recorded_options_and_refuses_contradictions(tmp_path):
+    from train import UsageError, resume_options
+    run = tmp_path / 'exps' / '00007-gmm_image-run'
+    run.mkdir(parents=True)
+    (run / 'training_options.json').write_text(json.dumps(_options_record()))
+    cli = dict(resume='7', outdir=str(tmp_path / 'exps'), sampler_stu=None, max_order=None, total_kimg=None,
+               seed=0, lr=None, desc=None, num_points=None, plugin='epd', snap=10)
+    merged = resume_options(cli, explicit={'resume', 'outdir'})
+    assert merged['resume'] == str(run)
+    assert (merged['sampler_stu'], merged['max_order'], merged['lr'], merged['num_points']) == ('ipndm', 3, 0.05, 3)
+    assert merged['dataset_name'] == 'gmm_image' and merged['model_path'] == SMALL.split('=', 1)[1]
+    # Agreeing and extending options are accepted; a contradicting one is refused naming it and both values.
+    merged = resume_options(dict(cli, max_order=3, total_kimg=0.5), explicit={'resume', 'max_order', 'total_kimg'})
+    assert merged['total_kimg'] == 0.5
+    for name, value, recorded in (('sampler_stu', 'epd', 'ipndm'), ('max_order', 4, 3), ('lr', 0.1, 0.05),
+                                  ('seed', 1, 0), ('plugin', 'amed', 'epd')):
+        with pytest.raises(UsageError, match=f'--{name}={value} contradicts the run\'s {name}={recorded}'):
+            resume_options(dict(cli, **{name: value}), explicit={'resume', name})
+    with pytest.raises(UsageError, match='--desc'):
+        resume_options(dict(cli, desc='x'), explicit={'resume', 'desc'})
+    # A file, a folder that is not an experiment, an unknown number: refused.
+    with pytest.raises(UsageError, match='is a file'):
+        resume_options(dict(cli, resume=str(run / 'training_options.json')), explicit={'resume'})
+    (tmp_path / 'README.md').write_text('not an experiment')
+    with pytest.raises(UsageError, match='is not an experiment folder'):
+        resume_options(dict(cli, resume=str(tmp_path)), explicit={'resume'})
+    with pytest.raises(UsageError, match='no experiment 8'):
+        resume_options(dict(cli, resume='8'), explicit={'resume'})
+
+
+def test_resume_into_a_non_experiment_folder_is_refused_on_the_command_line(tmp_path):
+    (tmp_path / 'README.md').write_text('keep me')
+    for target in (tmp_path, tmp_path / 'README.md'):
+        result = run_cli(train_args(tmp_path / 'exps', f'--resume={target}'), check=False)
+        assert result.returncode != 0 and 'Traceback' not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith('train.py: error: --resume=') and ('not an experiment' in last or 'is a file' in last)
+    assert sorted(os.listdir(tmp_path)) == ['README.md']
+
+
+def _stats(folder):
+    return [json.loads(line) for line in (folder / 'stats.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_amed_resume_with_a_plain_number_continues_the_run(tmp_path):
+    import shutil
+    # AMED with options the defaults do not give; the resumed runs name none of them.
+    amed = lambda outdir, kimg: ['train.py', SMALL, '--sampler_stu=amed', '--sampler_tea=euler', '--num_steps=3',
+                                 '--M=1', '--batch=4', f'--total_kimg={kimg}', '--loss=l2', '--lr=0.05',
+                                 '--coslr=False', '--snap=1', f'--outdir={outdir}', '--dtype=float64']
+    run_cli(amed(tmp_path / 'full', 0.02))                       # 5 iterations, uninterrupted
+    run_cli(amed(tmp_path / 'short', 0.012))                     # 3 iterations
+    full, short = next((tmp_path / 'full').glob('00001-*')), next((tmp_path / 'short').glob('00001-*'))
+    # A run killed after iteration 5 had been logged but with its last snapshot at iteration 3.
+    killed = tmp_path / 'killed'
+    shutil.copytree(full, killed)
+    shutil.copy(short / 'training-state.pt', killed / 'training-state.pt')
+    before = _stats(killed)
+    assert json.loads((short / 'predictor.json').read_text())['training'] == dict(iteration=3, total_iterations=3)
+    result = run_cli(['train.py', f'--resume={killed}'])
+    assert 'Resuming' in result.stdout and 'at iteration 3 of 5' in result.stdout
+    # The short run, extended by --total_kimg only.
+    run_cli(['train.py', '--resume=1', f'--outdir={tmp_path / "short"}', '--total_kimg=0.02'])
+    reference = load_file(full / 'predictor.safetensors')
+    for folder in (killed, short):
+        weights = load_file(folder / 'predictor.safetensors')
+        assert all(torch.equal(reference[k], weights[k]) for k in reference), folder
+        stats = _stats(folder)
+        assert [r['iteration'] for r in stats] == [1, 2, 3, 4, 5], folder
+        secs = [r['sec'] for r in stats]
+        assert secs == sorted(secs)
+        meta = json.loads((folder / 'predictor.json').read_text())
+        assert meta['sampler_stu'] == 'amed' and meta['training'] == dict(iteration=5, total_iterations=5)
+    # The reported time covers the whole run: the resumed iterations start after the time already spent.
+    assert _stats(killed)[3]['sec'] >= before[-1]['sec']
+    assert json.loads((short / 'training_options.json').read_text())['total_kimg'] == 0.02
+    # A contradicting option is refused in one line and changes nothing.
+    result = run_cli(['train.py', f'--resume={killed}', '--sampler_stu=epd'], check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert "--sampler_stu=epd contradicts the run's sampler_stu=amed" in result.stderr.strip().splitlines()[-1]
+    assert [r['iteration'] for r in _stats(killed)] == [1, 2, 3, 4, 5]
+
+
+def test_predictor_of_an_unfinished_run_samples_with_a_notice(tmp_path):
+    pred = EPDPredictor(epd_settings(dataset_name='gmm_2d', sample_shape=[2, 1, 1]))
+    training.save_predictor(pred, tmp_path / 'unfinished', progress=(30, 100))
+    training.save_predictor(pred, tmp_path / 'finished', progress=(100, 100))
+    assert training.load_predictor(tmp_path / 'unfinished').settings == pred.settings    # progress is not a setting
+    result = run_cli(['sample.py', f'--predictor_path={tmp_path / "unfinished"}', '--seeds=0-1',
+                      f'--outdir={tmp_path / "a"}'])
+    notes = [line for line in result.stdout.splitlines() if 'unfinished run' in line]
+    assert len(notes) == 1 and 'iteration 30 of 100' in notes[0] and str(tmp_path / 'unfinished') in notes[0]
+    assert (tmp_path / 'a' / '000000' / '000001.npz').is_file()
+    result = run_cli(['sample.py', f'--predictor_path={tmp_path / "finished"}', '--seeds=0-1',
+                      f'--outdir={tmp_path / "b"}'])
+    assert 'unfinished' not in result.stdout and 'images: 2 new' in result.stdout

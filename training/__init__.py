@@ -13,10 +13,13 @@ SETTINGS_FILE = 'predictor.json'
 EXPS_DIR = 'exps'
 
 
-def save_predictor(predictor, folder):
-    """Weights as safetensors and every setting as JSON, each written atomically."""
+def save_predictor(predictor, folder, progress=None):
+    """Weights as safetensors and every setting as JSON, each written atomically. `progress` (iteration,
+    total_iterations) records how far the training had got, so that a snapshot of an unfinished run says so."""
     os.makedirs(folder, exist_ok=True)
     meta = dict(predictor.settings, predictor=predictor.kind)
+    if progress is not None:
+        meta['training'] = dict(iteration=int(progress[0]), total_iterations=int(progress[1]))
     atomic_write(os.path.join(folder, SETTINGS_FILE), json.dumps(meta, indent=2).encode())
     tensors = {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
     tmp = os.path.join(folder, '.' + PREDICTOR_FILE + '.tmp')
@@ -49,8 +52,20 @@ def load_predictor(path, exps_dir=EXPS_DIR):
     with open(settings_path) as f:
         settings = json.load(f)
     kind = settings.pop('predictor', None)
+    progress = settings.pop('training', None)
     if kind not in PREDICTORS:
         raise ValueError(f"{settings_path}: unknown predictor kind {kind!r}; known: {', '.join(PREDICTORS)}")
     predictor = PREDICTORS[kind](settings)
     predictor.load_state_dict(load_file(weights_path))
+    predictor.progress = progress
     return predictor.eval().requires_grad_(False)
+
+
+def unfinished_notice(predictor, folder):
+    """One line saying that the predictor is a snapshot of a run stopped before its end, or None."""
+    progress = getattr(predictor, 'progress', None) or {}
+    done, total = progress.get('iteration'), progress.get('total_iterations')
+    if done is None or total is None or done >= total:
+        return None
+    return (f"note: the predictor in {folder} is from an unfinished run (iteration {done} of {total}); resume its "
+            "training with train.py --resume to finish it")
