@@ -95,21 +95,43 @@ def check_grid(sigmas):
     return sigmas, ends_at_zero
 
 
+def check_eval_grid(sigmas, eval_sigmas):
+    """The decoupled evaluation grid cut to the grid's positive points; raise ValueError unless it has the grid's
+    length and is finite and positive there (it need not be decreasing: LD3 bounds its moves instead)."""
+    sigmas, eval_sigmas = torch.as_tensor(sigmas), torch.as_tensor(eval_sigmas)
+    if eval_sigmas.shape != sigmas.shape:
+        raise ValueError(f"eval_sigmas must have the grid's shape {tuple(sigmas.shape)}; got "
+                         f"{tuple(eval_sigmas.shape)}")
+    if len(sigmas) and sigmas[-1] == 0:
+        eval_sigmas = eval_sigmas[:-1]
+    if not bool(torch.isfinite(eval_sigmas).all()) or not bool((eval_sigmas > 0).all()):
+        raise ValueError(f"eval_sigmas must be finite and positive at the grid's positive points; got "
+                         f"{eval_sigmas.tolist()}")
+    return eval_sigmas
+
+
 def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, sigma_min=None,
            sigma_max=None, afs=False, denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True,
-           cond=None, predictor=None, sigmas=None, return_trajectory=False, **options):
+           cond=None, predictor=None, sigmas=None, eval_sigmas=None, return_trajectory=False, **options):
     """Integrate from unit-Gaussian `latents` [B, C, H, W] to samples with a registered solver.
 
     With a `predictor` (a trained learned-solver predictor), its stored settings are used and the keyword
     settings ignored. `sigmas` overrides the schedule (a strictly decreasing tensor; num_steps is then its length); a
-    final 0 is taken as a final Euler step, i.e. denoise_to_zero at the last positive sigma.
+    final 0 is taken as a final Euler step, i.e. denoise_to_zero at the last positive sigma. `eval_sigmas` (needs
+    `sigmas`) is a decoupled evaluation grid of the same length: the network is queried there, the coefficients use
+    `sigmas` (a final 0 of the grid is matched by a final 0 or any value of eval_sigmas, which then goes unused
+    except by denoise_to_zero's call at eval_sigmas' last positive point).
     dtype and device follow the latents.
     """
     if predictor is not None:
         return predictor.sample(net, latents, cond=cond, return_trajectory=return_trajectory)
     sigma_min = net.sigma_min if sigma_min is None else float(sigma_min)
     sigma_max = net.sigma_max if sigma_max is None else float(sigma_max)
+    if eval_sigmas is not None and sigmas is None:
+        raise ValueError("eval_sigmas (a decoupled evaluation grid) needs the grid itself: pass sigmas as well")
     if sigmas is not None:
+        if eval_sigmas is not None:
+            eval_sigmas = check_eval_grid(sigmas, eval_sigmas)
         sigmas, ends_at_zero = check_grid(sigmas)
         # A final step to sigma = 0 (the k-diffusion habit) is an Euler step, which lands exactly on D(x; s_last).
         denoise_to_zero = denoise_to_zero or ends_at_zero
@@ -122,6 +144,9 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
         sigmas = get_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, net=net)
     sigmas = torch.as_tensor(sigmas).to(device=latents.device, dtype=latents.dtype)
     x = latents * sigmas[0]
+    if eval_sigmas is not None:
+        options = dict(options, eval_sigmas=torch.as_tensor(eval_sigmas).to(device=latents.device,
+                                                                            dtype=latents.dtype))
     opts = dict(options, max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                 schedule_rho=schedule_rho)
     return info.fn(net, x, sigmas, cond, afs=afs, denoise_to_zero=denoise_to_zero,

@@ -3,36 +3,41 @@
     solver(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, **options)
 
 `x` is the initial state at sigmas[0] (unit noise already scaled by sigma_max), `sigmas` a decreasing tensor of
-N time points (N - 1 steps). Returns the state at sigmas[-1] (or D of it with denoise_to_zero), and with
-return_trajectory also the stacked states [N (+1), B, ...]. Everything is differentiable in x, sigmas and
-anything the denoiser depends on: no no_grad, no in-place updates.
+N time points (N - 1 steps). Every solver also takes `eval_sigmas`, a decoupled evaluation grid of the same length
+(LD3): the network is queried at eval_sigmas[i] where the solver would query sigmas[i] (at a derived point, such
+as DPM-2's midpoint, the same formula applied to eval_sigmas), while every coefficient uses `sigmas`.
+Returns the state at sigmas[-1] (or D of it with denoise_to_zero), and with return_trajectory also the stacked
+states [N (+1), B, ...]. Everything is differentiable in x, sigmas, eval_sigmas and anything the denoiser depends
+on: no no_grad, no in-place updates.
 """
 import math
 
 import torch
 
-from solvers.common import Trajectory, first_slope, slope
+from solvers.common import Trajectory, first_slope, query_grid, slope
 from solvers.schedules import vp_fit, vp_tau
 
 
-def _finish(net, x, sigmas, cond, denoise_to_zero, traj):
+def _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas=None):
     if denoise_to_zero:
-        x = net(x, sigmas[-1], cond)
+        x = net(x, query_grid(sigmas, eval_sigmas)[-1], cond)
         traj.add(x)
     return traj.finish(x)
 
 
-def euler(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, **_):
+def euler(net, x, sigmas, cond=None, *, eval_sigmas=None,
+          afs=False, denoise_to_zero=False, return_trajectory=False, **_):
     """Euler in sigma = deterministic DDIM. 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     for i in range(len(sigmas) - 1):
-        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0)
+        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0, q[i])
         x = x + (sigmas[i + 1] - sigmas[i]) * d
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
-def ddim(net, x, sigmas, cond=None, *, eta=0.0, noise=None, afs=False, denoise_to_zero=False,
+def ddim(net, x, sigmas, cond=None, *, eta=0.0, noise=None, eval_sigmas=None, afs=False, denoise_to_zero=False,
          return_trajectory=False, **_):
     """DDIM(eta) in sigma: x' = D + s_down (x - D) / s + s_up xi with s_up = min(s', eta s' sqrt(1 - s'^2 / s^2))
     and s_down = sqrt(s'^2 - s_up^2), the VP DDIM update in VE units. eta = 0 is Euler, eta = 1 the ancestral
@@ -41,9 +46,10 @@ def ddim(net, x, sigmas, cond=None, *, eta=0.0, noise=None, afs=False, denoise_t
     if eta and noise is None:
         raise ValueError("ddim with eta > 0 needs a noise source (solvers.noise.ImageNoise of the images' seeds)")
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
-        d, denoised = first_slope(net, x, s_cur, cond, afs and i == 0)
+        d, denoised = first_slope(net, x, s_cur, cond, afs and i == 0, q[i])
         if eta:
             s_up = torch.minimum(s_next, eta * s_next * torch.sqrt(1 - (s_next / s_cur) ** 2))
             s_down = torch.sqrt(s_next ** 2 - s_up ** 2)
@@ -51,33 +57,38 @@ def ddim(net, x, sigmas, cond=None, *, eta=0.0, noise=None, afs=False, denoise_t
         else:
             x = x + (s_next - s_cur) * d
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
-def heun(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, **_):
+def heun(net, x, sigmas, cond=None, *, eval_sigmas=None,
+         afs=False, denoise_to_zero=False, return_trajectory=False, **_):
     """EDM's second-order Heun method, corrected on every step (the grid ends at sigma_min > 0). 2 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
-        d, _ = first_slope(net, x, s_cur, cond, afs and i == 0)
+        d, _ = first_slope(net, x, s_cur, cond, afs and i == 0, q[i])
         x_pred = x + (s_next - s_cur) * d
-        d_next, _ = slope(net, x_pred, s_next, cond)
+        d_next, _ = slope(net, x_pred, s_next, cond, q[i + 1])
         x = x + (s_next - s_cur) * 0.5 * (d + d_next)
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
-def dpm(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, r=0.5, **_):
+def dpm(net, x, sigmas, cond=None, *, eval_sigmas=None,
+        afs=False, denoise_to_zero=False, return_trajectory=False, r=0.5, **_):
     """DPM-Solver-2 (single step): an intermediate point at fraction r of the step in log sigma. 2 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
-        d, _ = first_slope(net, x, s_cur, cond, afs and i == 0)
+        d, _ = first_slope(net, x, s_cur, cond, afs and i == 0, q[i])
         s_mid = s_next ** r * s_cur ** (1 - r)
-        d_mid, _ = slope(net, x + (s_mid - s_cur) * d, s_mid, cond)
+        s_mid_eval = s_mid if eval_sigmas is None else q[i + 1] ** r * q[i] ** (1 - r)
+        d_mid, _ = slope(net, x + (s_mid - s_cur) * d, s_mid, cond, s_mid_eval)
         x = x + (s_next - s_cur) * ((1 / (2 * r)) * d_mid + (1 - 1 / (2 * r)) * d)
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
 # -- linear multistep methods on the slopes ---------------------------------------------------------------------
@@ -85,19 +96,21 @@ def dpm(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_t
 IPNDM_COEFFS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def ipndm(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
+def ipndm(net, x, sigmas, cond=None, *, eval_sigmas=None,
+          afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
           **_):
     """Improved PNDM: Adams-Bashforth with the fixed (uniform-step) coefficients on the slopes, lower-order warm
     start. Exactly AB-k on uniform grids; on non-uniform grids the fixed weights make it second order. 1 NFE/step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     history = []                                   # newest first
     for i in range(len(sigmas) - 1):
-        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0)
+        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0, q[i])
         history = [d] + history[:max_order - 1]
         coeffs = IPNDM_COEFFS[len(history)]
         x = x + (sigmas[i + 1] - sigmas[i]) * sum(c * h for c, h in zip(coeffs, history))
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
 def ipndm_v_weights(nodes, t_next):
@@ -127,19 +140,21 @@ def ipndm_v_weights(nodes, t_next):
     return [w / h for w in weights]                # relative to the step h, as x + h * sum w_j d_j
 
 
-def ipndm_v(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
+def ipndm_v(net, x, sigmas, cond=None, *, eval_sigmas=None,
+            afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
             **_):
     """Variable-step Adams-Bashforth of order max_order on the slopes: exact on any grid for slopes that are
     polynomials of degree < order (unlike the reference's orders 3 and 4). 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     history = []
     for i in range(len(sigmas) - 1):
-        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0)
+        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0, q[i])
         history = [d] + history[:max_order - 1]
         weights = ipndm_v_weights([sigmas[i - j] for j in range(len(history))], sigmas[i + 1])
         x = x + (sigmas[i + 1] - sigmas[i]) * sum(w * h for w, h in zip(weights, history))
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
 _GAUSS = {}
@@ -172,17 +187,19 @@ def deis_weights(tau_nodes, tau_a, tau_b, beta_d, beta_min, quad_points=32):
     return weights
 
 
-def deis(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
+def deis(net, x, sigmas, cond=None, *, eval_sigmas=None,
+         afs=False, denoise_to_zero=False, return_trajectory=False, max_order=4,
          **_):
     """DEIS tAB: the slopes' Lagrange interpolant in VP time tau, integrated exactly in sigma. Order max_order on
     any grid (lower-order warm start). 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     sig64 = sigmas.detach().to(torch.float64)
     beta_d, beta_min = vp_fit(float(sig64[-1]), float(sig64[0]))
     taus = vp_tau(sig64, beta_d, beta_min)
     history = []
     for i in range(len(sigmas) - 1):
-        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0)
+        d, _ = first_slope(net, x, sigmas[i], cond, afs and i == 0, q[i])
         history = [d] + history[:max_order - 1]
         if len(history) == 1:
             x = x + (sigmas[i + 1] - sigmas[i]) * d
@@ -190,7 +207,7 @@ def deis(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_
             weights = deis_weights([taus[i - j] for j in range(len(history))], taus[i], taus[i + 1], beta_d, beta_min)
             x = x + sum(w.to(x.dtype) * h for w, h in zip(weights, history))
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
 # -- exponential-integrator multistep methods (log-SNR lambda = -log sigma) ---------------------------------------
@@ -238,23 +255,25 @@ def dpmpp_increment(x, t, outputs, times, order, predict_x0=True):
     return base, inc
 
 
-def dpmpp(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=3,
+def dpmpp(net, x, sigmas, cond=None, *, eval_sigmas=None,
+          afs=False, denoise_to_zero=False, return_trajectory=False, max_order=3,
           predict_x0=True, lower_order_final=True, **_):
     """Multistep DPM-Solver++ (data prediction, predict_x0=True) or DPM-Solver (noise prediction), orders 1-3.
     No thresholding. The second divided difference is weighted by 2 phi3, which makes the 3M update third order
     (the widely copied update uses phi3 and is second order; see docs/solvers.md). 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     num_steps = len(sigmas) - 1
     outputs, times = [], []                       # newest first
     for i in range(num_steps):
-        d, denoised = first_slope(net, x, sigmas[i], cond, afs and i == 0)
+        d, denoised = first_slope(net, x, sigmas[i], cond, afs and i == 0, q[i])
         outputs = [denoised if predict_x0 else d] + outputs[:2]
         times = [sigmas[i]] + times[:2]
         order = min(_multistep_order(i, num_steps, max_order, lower_order_final), len(outputs))
         base, inc = dpmpp_increment(x, sigmas[i + 1], outputs, times, order, predict_x0)
         x = base + inc
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)
 
 
 def _unipc_coefficients(rks, hh, B_h, order):
@@ -276,13 +295,15 @@ def _unipc_coefficients(rks, hh, B_h, order):
     return rho_p, rho_c
 
 
-def unipc(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return_trajectory=False, max_order=3,
+def unipc(net, x, sigmas, cond=None, *, eval_sigmas=None,
+          afs=False, denoise_to_zero=False, return_trajectory=False, max_order=3,
           predict_x0=True, lower_order_final=True, variant='bh2', **_):
     """UniPC: multistep predictor UniP of order max_order with the corrector UniC after every step but the last;
     the corrector's model evaluation is reused by the next step, so 1 NFE per step."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     num_steps = len(sigmas) - 1
-    d, denoised = first_slope(net, x, sigmas[0], cond, afs)
+    d, denoised = first_slope(net, x, sigmas[0], cond, afs, q[0])
     outputs, times = [denoised if predict_x0 else d], [sigmas[0]]        # newest first
     for i in range(num_steps):
         s0, t = times[0], sigmas[i + 1]
@@ -305,11 +326,11 @@ def unipc(net, x, sigmas, cond=None, *, afs=False, denoise_to_zero=False, return
         if last:
             x = x_pred
         else:
-            d_t, den_t = slope(net, x_pred, t, cond)
+            d_t, den_t = slope(net, x_pred, t, cond, q[i + 1])
             m_t = den_t if predict_x0 else d_t
             corr = sum((r.to(x.dtype) * dk for r, dk in zip(rho_c[:-1], diffs)), torch.zeros_like(x))
             x = x_base - B * (corr + rho_c[-1].to(x.dtype) * (m_t - m0))
             outputs = [m_t] + outputs[:max_order - 1]
             times = [t] + times[:max_order - 1]
         traj.add(x)
-    return _finish(net, x, sigmas, cond, denoise_to_zero, traj)
+    return _finish(net, x, sigmas, cond, denoise_to_zero, traj, eval_sigmas)

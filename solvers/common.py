@@ -2,10 +2,19 @@
 import torch
 
 
-def slope(net, x, sigma, cond=None):
-    """d = (x - D(x; sigma)) / sigma, the right-hand side of dx/dsigma; also returns D."""
-    denoised = net(x, sigma, cond)
+def slope(net, x, sigma, cond=None, eval_sigma=None):
+    """d = (x - D(x; sigma)) / sigma, the right-hand side of dx/dsigma; also returns D. With eval_sigma (a
+    decoupled evaluation grid, LD3) the network is queried at eval_sigma while sigma stays the coefficient:
+    d = (x - D(x; eval_sigma)) / sigma."""
+    denoised = net(x, sigma if eval_sigma is None else eval_sigma, cond)
     return (x - denoised) / sigma, denoised
+
+
+def query_grid(sigmas, eval_sigmas):
+    """The noise levels at which the network is queried at each grid point: the grid itself, or the decoupled
+    evaluation grid of the same length. Solvers index it like the grid (point i -> query i), so the two grids are
+    matched by position, never by value."""
+    return sigmas if eval_sigmas is None else eval_sigmas
 
 
 def afs_slope(x, sigma):
@@ -14,12 +23,12 @@ def afs_slope(x, sigma):
     return x * sigma / (1 + sigma ** 2)
 
 
-def first_slope(net, x, sigma, cond, afs):
-    """Slope and denoised value at the first time point, with or without AFS."""
+def first_slope(net, x, sigma, cond, afs, eval_sigma=None):
+    """Slope and denoised value at a step's first time point, with or without AFS (which calls no network)."""
     if afs:
         d = afs_slope(x, sigma)
         return d, x - sigma * d
-    return slope(net, x, sigma, cond)
+    return slope(net, x, sigma, cond, eval_sigma)
 
 
 def repeat_cond(cond, times):

@@ -9,11 +9,13 @@ and the predictor's parameters. The learned parameters arrive as callables:
 import torch
 
 from solvers.classical import IPNDM_COEFFS, _multistep_order, dpmpp_increment
-from solvers.common import Trajectory, afs_slope, repeat_cond, slope
+from solvers.common import Trajectory, afs_slope, query_grid, repeat_cond, slope
 
 
-def _first(net, x, sigma, cond, afs, with_feature=False, feature_dim=64):
-    """Slope at a step's start (AFS or one denoiser call); with_feature also returns the bottleneck feature."""
+def _first(net, x, sigma, cond, afs, with_feature=False, feature_dim=64, eval_sigma=None):
+    """Slope at a step's start (AFS or one denoiser call, queried at eval_sigma if given); with_feature also
+    returns the bottleneck feature."""
+    eval_sigma = sigma if eval_sigma is None else eval_sigma
     from models.base import pooled_feature
     if afs:
         d = afs_slope(x, sigma)
@@ -21,9 +23,9 @@ def _first(net, x, sigma, cond, afs, with_feature=False, feature_dim=64):
         feature = pooled_feature(x - sigma * d, size=round(feature_dim ** 0.5)) if with_feature else None
         return d, feature
     if with_feature:
-        denoised, feature = net(x, sigma, cond, return_bottleneck=True)
+        denoised, feature = net(x, eval_sigma, cond, return_bottleneck=True)
         return (x - denoised) / sigma, feature
-    return slope(net, x, sigma, cond)[0], None
+    return slope(net, x, sigma, cond, eval_sigma)[0], None
 
 
 def _parallel_slopes(net, probes, sigmas_eval, sigmas_div, cond):
@@ -40,16 +42,18 @@ def _ab_direction(d, history):
 
 
 def epd(net, x, sigmas, cond=None, *, table, afs=False, fcn=False, return_trajectory=False, plugin=None,
-        max_order=3, denoise_to_zero=False, **_):
+        max_order=3, denoise_to_zero=False, eval_sigmas=None, **_):
     """EPD step: x_{n+1} = x_n + (t_{n+1} - t_n) sum_k w_k c_k g_k, with g_k the slope at the probe
     y_k = x_n + (s_k - t_n) d_n, s_k = t_{n+1}^{r_k} t_n^{1 - r_k}, evaluated at the scaled time a_k s_k.
     All K probes of a step are one batched denoiser call: 2 sequential calls per step (1 at an AFS step).
-    plugin='ipndm' moves the probes with iPNDM's Adams-Bashforth extrapolation of the past slopes."""
+    plugin='ipndm' moves the probes with iPNDM's Adams-Bashforth extrapolation of the past slopes.
+    With eval_sigmas (a decoupled grid), the probes' query times come from it by the same formula."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     history = []
     for n in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[n], sigmas[n + 1]
-        d, _ = _first(net, x, t_cur, cond, afs and n == 0)
+        d, _ = _first(net, x, t_cur, cond, afs and n == 0, eval_sigma=q[n])
         r, c, a, w = table(n)
         if fcn and n == len(sigmas) - 2:
             c = torch.ones_like(c)
@@ -58,32 +62,35 @@ def epd(net, x, sigmas, cond=None, *, table, afs=False, fcn=False, return_trajec
             history = [d.detach()] + history[:max_order - 2] if max_order > 1 else []
         s = t_next ** r * t_cur ** (1 - r)                                       # [K] or [B, K]
         per_point = lambda v: v.reshape(v.shape[0] if v.ndim == 2 else 1, -1, *([1] * (x.ndim - 1)))
+        s_eval = s if eval_sigmas is None else q[n + 1] ** r * q[n] ** (1 - r)
         probes = x[:, None] + per_point(s - t_cur) * direction[:, None]
         B = x.shape[0]
-        g = _parallel_slopes(net, probes, (a * s).expand(B, -1), s.expand(B, -1), cond)
+        g = _parallel_slopes(net, probes, (a * s_eval).expand(B, -1), s.expand(B, -1), cond)
         x = x + (t_next - t_cur) * (per_point(w * c) * g).sum(1)
         traj.add(x)
     if denoise_to_zero:
-        x = net(x, sigmas[-1], cond)
+        x = net(x, q[-1], cond)
         traj.add(x)
     return traj.finish(x)
 
 
 def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_trajectory=False, max_order=3,
-         denoise_to_zero=False, feature_dim=64, predict_x0=True, lower_order_final=True, **_):
+         denoise_to_zero=False, feature_dim=64, predict_x0=True, lower_order_final=True, eval_sigmas=None, **_):
     """AMED-Solver (base='amed') and the AMED plugins (base='euler', 'dpm', 'ipndm', 'dpmpp'): per step, a small
     network predicts from the bottleneck feature of the step's first call an intermediate time s (fraction r in
     log sigma), a direction scale c and a time scale a. 2 denoiser calls per step (1 at an AFS step).
     The DPM-Solver++ plugin runs the multistep method on the interleaved grid t_0, s_0, t_1, s_1, ... with c
     scaling the model-dependent part of the update into t_{n+1}."""
     traj = Trajectory(return_trajectory, x)
+    q = query_grid(sigmas, eval_sigmas)
     history = []
     outputs, times = [], []                        # DPM-Solver++ plugin buffers, newest first
     total = 2 * (len(sigmas) - 1)                  # steps of the interleaved grid
     view = (-1,) + (1,) * (x.ndim - 1)
     for n in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[n], sigmas[n + 1]
-        d, feature = _first(net, x, t_cur, cond, afs and n == 0, with_feature=True, feature_dim=feature_dim)
+        d, feature = _first(net, x, t_cur, cond, afs and n == 0, with_feature=True, feature_dim=feature_dim,
+                            eval_sigma=q[n])
         r, c, a = params(feature, t_cur, t_next)                              # each [B]
         s = t_next ** r * t_cur ** (1 - r)
         if base == 'ipndm':
@@ -97,7 +104,8 @@ def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_tr
             y = y_base + y_inc
         else:
             y = x + (s - t_cur).reshape(view) * d
-        denoised = net(y, a * s, cond)
+        s_eval = s if eval_sigmas is None else q[n + 1] ** r * q[n] ** (1 - r)
+        denoised = net(y, a * s_eval, cond)
         g = (y - denoised) / s.reshape(view)
         if base == 'dpmpp':
             outputs = [denoised if predict_x0 else g] + outputs[:2]
@@ -119,6 +127,6 @@ def amed(net, x, sigmas, cond=None, *, params, base='amed', afs=False, return_tr
             raise ValueError(f"unknown AMED base solver {base!r}; allowed: amed, euler, dpm, ipndm, dpmpp")
         traj.add(x)
     if denoise_to_zero:
-        x = net(x, sigmas[-1], cond)
+        x = net(x, q[-1], cond)
         traj.add(x)
     return traj.finish(x)
