@@ -138,6 +138,9 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
         num_steps = len(sigmas)
     check_options(solver, num_steps, schedule_type, sigma_min, sigma_max, max_order, **options)
     info = SOLVERS[solver]
+    if info.stochastic and (afs or eval_sigmas is not None):
+        raise ValueError(f"{solver} is a stochastic sampler: afs and eval_sigmas apply to the ODE solvers only; "
+                         "drop them or choose an ODE solver")
     if max_order is None:
         max_order = info.default_order
     if sigmas is None:

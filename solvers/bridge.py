@@ -13,7 +13,7 @@ import solvers
 from solvers.common import repeat_cond
 
 # The options a classical solver takes through the bridge (the grid comes from the caller).
-OPTIONS = ('afs', 'max_order', 'predict_x0', 'lower_order_final', 'variant', 'r')
+OPTIONS = ('afs', 'max_order', 'predict_x0', 'lower_order_final', 'variant', 'r', 'noise')
 
 
 class KDiffusionDenoiser(torch.nn.Module):
@@ -108,6 +108,9 @@ def k_sampler(name_or_predictor, **options):
         solvers.check_options(name, len(grid), **{k: v for k, v in options.items() if k in ('max_order',
                                                                                               'variant')})
         info = solvers.SOLVERS[name]
+        if info.stochastic and options.get('noise') is None:
+            raise ValueError(f"k_sampler({name!r}) is stochastic: give it noise=solvers.noise.ImageNoise(seeds), "
+                             "one seed per image of the batch")
         opts = dict(max_order=info.default_order, predict_x0=True, lower_order_final=True, afs=False)
         opts.update(options)
         if opts['max_order'] is None:
