@@ -219,7 +219,7 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
     X = torch.zeros((M + 1, B, D), dtype=f64, device=dev)
     X[0] = base[0]
     den = torch.zeros((M, B, D), dtype=f64, device=dev)                 # latest D of each evaluation
-    have = torch.zeros((M, B), dtype=torch.bool, device=dev)             # den holds a value
+    fresh = torch.zeros((M, B), dtype=torch.bool, device=dev)            # den is D at the current X
     frozen = torch.zeros(B, dtype=torch.long, device=dev)               # unknowns 0..frozen are final
     init_to = torch.zeros(B, dtype=torch.long, device=dev)              # unknowns 0..init_to hold a guess
     if init_trajectory is not None:
@@ -234,6 +234,7 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
         frozen[:] = M - K
         init_to[:] = M
     m_idx = torch.arange(M + 1, device=dev)
+    coef_scale = float(sc['coef_d'].abs().max()) if M else 0.0         # below 1e-12 of it: a rounding zero
     j_idx = torch.arange(M, device=dev)
     mem = memory_size
     mem_x = torch.zeros((mem, M + 1, B, D), dtype=f64, device=dev) if mem > 1 else None   # newest first
@@ -259,10 +260,11 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
         # Anchors and coefficients of the order-k and first-order equations.
         coef_k, anchor_k, ratio_k = _equations(sc, frozen, order, m_idx)
         coef_1, anchor_1, ratio_1 = _equations(sc, frozen, 1, m_idx)
-        # Evaluations: the window's own, plus any earlier ones the equations need and den lacks (warm start).
+        # Evaluations: the window's own, plus earlier ones the equations use whose D is not at the current state
+        # (unknowns frozen in the last iteration, multistep history after a warm start): no extra round.
         need = (active[None] & (j_idx[:, None] >= frozen[None]) & (j_idx[:, None] < end[None]))
-        uses = ((coef_k.abs() + coef_1.abs()) * upd[..., None]).sum(0).T > 0          # [M, B]
-        need = need | (uses & ~have & active[None])
+        uses = ((coef_k.abs() + coef_1.abs()) * upd[..., None]).amax(0).T > 1e-12 * coef_scale   # [M, B]
+        need = need | (uses & ~fresh & active[None])
         jj, bb = torch.nonzero(need, as_tuple=True)
         order_rows = torch.argsort(bb * (M + 1) + jj)                    # image-major: an image's points adjacent
         jj, bb = jj[order_rows], bb[order_rows]
@@ -276,7 +278,7 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
                            if rows_c is not None else None).reshape(hi - lo, D)
         out = evaluate(call, len(jj))
         den[jj, bb] = out.to(f64)
-        have[jj, bb] = True
+        fresh[jj, bb] = True
         evals += torch.bincount(bb.cpu(), minlength=B)
         rounds += active.cpu().long()
         iterations += 1
@@ -297,6 +299,7 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
             new = _taa(new, X, rk, upd, mem_x, mem_r, count, first_bad, frozen, vp, lmd, m_idx)
         out_before = X[M].clone()
         X = torch.where(upd[..., None], new, X)
+        fresh &= ~upd[:M]
         change = torch.where(active.cpu() & (end == M).cpu(), _rms((X[M] - out_before)[None])[0].cpu() / vp[M].cpu(),
                              torch.full_like(change, float('nan')) if iterations == 1 else change)
         if return_iterates:
