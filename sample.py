@@ -22,6 +22,8 @@ from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
 from torch_utils.run_options import check_outdir, file_digest
+from solvers.noise import ImageNoise
+from solvers import parallel as par
 
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -117,10 +119,16 @@ def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
 
 
 def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,
-             predictor=None, device=torch.device('cpu'), prompts=None, progress=True):
-    """Sample every seed not yet written; returns a summary dict (rank 0's view of all ranks)."""
+             predictor=None, device=torch.device('cpu'), prompts=None, progress=True, parallel=None):
+    """Sample every seed not yet written; returns a summary dict (rank 0's view of all ranks).
+
+    parallel: options of solvers.parallel.solve_parallel (with 'method'; and save_iterates, save_trajectory,
+    init_trajectory): every worker takes part in every batch, each evaluating its slice of the window."""
     dtype = DTYPES[settings['dtype']]
     rank, world = dist.get_rank(), dist.get_world_size()
+    if parallel is not None:
+        return generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, save_npz_too, predictor,
+                                 device, prompts, parallel)
     make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
     def done(seed):
         return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
@@ -131,7 +139,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
     chunks = [[todo[i] for i in idx.tolist()] for idx in dist.rank_batches(len(todo), batch)]
     solve_opts = {k: settings[k] for k in ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs',
                                            'denoise_to_zero', 'max_order', 'predict_x0', 'lower_order_final',
-                                           'variant', 'sigma_min', 'sigma_max') if k in settings}
+                                           'variant', 'sigma_min', 'sigma_max', 'eta') if k in settings}
     if predictor is not None:
         sigmas = predictor.schedule(net)
     elif settings.get('t_steps'):
@@ -161,8 +169,9 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                     cond = labels.to(dtype)
                 if prompts is not None:
                     cond = net.encode_prompts(prompts.prompts_for_seeds(part))
+                noise = ImageNoise(part) if settings.get('eta') else None
                 with torch.no_grad(), solvers.count_calls(net) as counter:
-                    x = solvers.sample(net, latents, cond=cond, predictor=predictor, **solve_opts)
+                    x = solvers.sample(net, latents, cond=cond, predictor=predictor, noise=noise, **solve_opts)
                     images = net.decode(x)
                 counted_rows += counter.rows
                 counted_calls += counter.calls
@@ -187,6 +196,112 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                 images_per_s=images / wall if wall > 0 and images else None)
 
 
+def trajectory_path(folder, seed):
+    return os.path.join(folder, f'{seed:06d}.npz')
+
+
+def load_trajectory(folder, seed, scheme, shape):
+    """A saved converged trajectory of this seed, checked against the solver's grid (UsageError if not)."""
+    path = trajectory_path(folder, seed)
+    if not os.path.isfile(path):
+        raise UsageError(f"--init_trajectory={folder} has no trajectory for seed {seed} ({path}); save one with "
+                         "--save_trajectory=True and the same seeds")
+    with np.load(path, allow_pickle=False) as data:
+        traj, times = data['trajectory'], data['times']
+    if tuple(traj.shape[1:]) != tuple(shape) or len(times) != scheme.num_evals or not np.allclose(
+            times, scheme.times.numpy(), rtol=1e-12, atol=0):
+        raise UsageError(f"the trajectory {path} comes from another model or grid (shape {tuple(traj.shape)}, "
+                         f"{len(times)} evaluations; this run: {scheme.num_evals} of shape {tuple(shape)}); use "
+                         "the same solver, steps and model")
+    return torch.from_numpy(traj)
+
+
+def batch_inputs(net, part, dtype, device, class_idx, prompts):
+    """Latents and condition of the images of these seeds (as in generate)."""
+    gens = seed_generators(part, device)
+    latents = randn_per_seed(gens, net.sample_shape, dtype, device)
+    cond = None
+    if net.label_dim:
+        labels = torch.stack([net.sample_labels(g, device) for g in gens])
+        if class_idx is not None:
+            labels = torch.nn.functional.one_hot(torch.full((len(part),), class_idx, device=device),
+                                                 net.label_dim).float()
+        cond = labels.to(dtype)
+    if prompts is not None:
+        cond = net.encode_prompts(prompts.prompts_for_seeds(part))
+    return latents, cond
+
+
+def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, save_npz_too, predictor, device,
+                      prompts, parallel):
+    """generate() with a parallel-in-time solver: every worker runs every batch and evaluates its slice of each
+    window; rank 0 writes. Returns the summary with the parallel counts."""
+    dtype = DTYPES[settings['dtype']]
+    rank = dist.get_rank()
+    opts = dict(parallel)
+    scheme = opts.pop('scheme')
+    save_iterates, save_traj = opts.pop('save_iterates', False), opts.pop('save_trajectory', False)
+    init_dir = opts.pop('init_trajectory', None)
+    make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
+    def done(seed):
+        return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
+                and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
+    todo = [s for s in seeds if not done(s)]
+    dist.barrier()
+    iterations, rounds, evals, residuals = [], [], [], []
+    start = time.time()
+    bar = tqdm.tqdm(total=len(todo), unit='img', disable=rank != 0, file=sys.stdout, dynamic_ncols=True)
+    for lo in range(0, len(todo), batch):
+        part = todo[lo:lo + batch]
+        latents, cond = batch_inputs(net, part, dtype, device, class_idx, prompts)
+        init = None
+        if init_dir is not None:
+            init = torch.stack([load_trajectory(init_dir, s, scheme, net.sample_shape) for s in part], 1)
+        x, stats = par.solve_parallel(net, scheme, latents, cond=cond, noise=ImageNoise(part),
+                                      return_iterates=save_iterates, init_trajectory=init,
+                                      evaluate=dist.split_evaluate, **opts)
+        iterations.append(stats['iterations'])
+        rounds += stats['rounds'].tolist()
+        evals += stats['evals_per_image'].tolist()
+        residuals += stats['residual'].tolist()
+        if rank == 0:
+            with torch.no_grad():
+                images = net.decode(x)
+            if make_png:
+                for seed, array in zip(part, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
+                    save_png(image_path(outdir, seed, subdirs), array)
+            if save_npz_too or not make_png:
+                for seed, sample_ in zip(part, x.detach().cpu().numpy()):
+                    save_npz(image_path(outdir, seed, subdirs, 'npz'), sample_)
+            if save_traj:
+                os.makedirs(os.path.join(outdir, 'trajectories'), exist_ok=True)
+                for b, seed in enumerate(part):
+                    arrays = dict(trajectory=stats['trajectory'][:, b].cpu().numpy(), times=scheme.times.numpy())
+                    atomic_write(trajectory_path(os.path.join(outdir, 'trajectories'), seed),
+                                 lambda f, a=arrays: np.savez(f, **a), fsync=False)
+            if save_iterates:
+                for b, seed in enumerate(part):
+                    folder = os.path.join(outdir, 'iterates', f'{seed:06d}')
+                    os.makedirs(folder, exist_ok=True)
+                    with torch.no_grad():
+                        frames = net.decode(stats['iterates'][:, b].to(device))
+                    if make_png:
+                        for k, array in enumerate(to_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()):
+                            save_png(os.path.join(folder, f'{k + 1:03d}.png'), array)
+                    else:
+                        save_npz(os.path.join(folder, 'iterates.npz'), stats['iterates'][:, b].cpu().numpy())
+        bar.update(len(part))
+    bar.close()
+    wall = time.time() - start
+    n = len(rounds)
+    return dict(images=n, skipped=len(seeds) - len(todo), wall_s=wall, images_per_s=n / wall if wall > 0 and n
+                else None, parallel=dict(
+                    method=parallel['method'], iterations_per_batch=sum(iterations) / len(iterations) if n else None,
+                    rounds_mean=sum(rounds) / n if n else None, rounds_max=max(rounds) if n else None,
+                    evals_per_image=sum(evals) / n if n else None, residual_max=max(residuals) if n else None,
+                    sequential_rounds=scheme.rounds, sequential_evals=scheme.num_evals, batches=len(iterations)))
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
@@ -206,23 +321,39 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='Lower the order on the final steps of short runs')
 @click.option('--variant', metavar='bh1|bh2', default=None, help='UniPC variant')
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
-@click.option('--guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
+@click.option('--guidance_rate', '--cfg_scale', 'guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
 @click.option('--prompt', metavar='TEXT', default=None, help='One prompt for every image (text-to-image models)')
 @click.option('--prompt_file', metavar='PATH', default=None, help='Prompts: text lines or a CSV with a text column')
 @click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Fixed class label (conditional models)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Total batch size over all workers')
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap')
 @click.option('--seeds', metavar='LIST', default='0-63', help="Seeds, e.g. '0-63' or '1,5,10-19'")
-@click.option('--outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN_SCHEDULE, predictors: KIND-..._HASH]')
+@click.option('--outdir', '--output_path', 'outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN_SCHEDULE, predictors: KIND-..._HASH]')
 @click.option('--subdirs', metavar='BOOL', type=bool, default=True, help='1000 images a folder')
 @click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write grid.png of the first 64 images')
 @click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
 @click.option('--dtype', metavar='NAME', type=click.Choice(list(DTYPES)), default=None, help='Sampling dtype [default: the config\'s, else float32]')
 @click.option('--device', metavar='DEV', default=None, help='Device [default: cuda if available]')
+@click.option('--timesteps', metavar='INT', type=click.IntRange(min=1), default=None, help='Steps (the seed\'s name): num_steps = timesteps + 1')
+@click.option('--num_samples', metavar='INT', type=click.IntRange(min=1), default=None, help='Seeds 0..N-1 (replaces --seeds)')
+@click.option('--eta', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Solver ddim: stochasticity (0 = Euler, 1 = ancestral); noise drawn per seed')
+@click.option('--parallel', metavar='taa|picard', type=click.Choice(par.PARALLEL_METHODS), default=None, help='Parallel-in-time solving (ParaTAA, Picard/ParaDiGMS) [default: sequential]')
+@click.option('--window_size', metavar='INT', type=int, default=None, help='Parallel: unknowns updated per iteration [default: all]')
+@click.option('--order', metavar='INT', type=int, default=None, help='Parallel: equations reach this many evaluations back [default: the window]')
+@click.option('--memory_size', metavar='INT', type=int, default=None, help='Parallel: Anderson history (1 = none) [default: 3 for taa]')
+@click.option('--max_steps', metavar='INT', type=int, default=None, help='Parallel: cap on the iterations [default: the sequential evaluations]')
+@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel: per-step residual tolerance (RMS, VP units) [default: 1e-4; with --stop=final, 0]')
+@click.option('--stop', metavar='residual|final', type=click.Choice(par.STOP_RULES), default='residual', help='Parallel stopping rule')
+@click.option('--final_tol', metavar='FLOAT', type=float, default=1e-2, help='Parallel, --stop=final: RMS change of the output to stop at')
+@click.option('--save_iterates', metavar='BOOL', type=bool, default=False, help='Parallel: save each iteration\'s output estimate (iterates/SEED/K.png)')
+@click.option('--save_trajectory', metavar='BOOL', type=bool, default=False, help='Parallel: save the converged trajectory per seed (trajectories/SEED.npz)')
+@click.option('--init_trajectory', metavar='DIR', default=None, help='Parallel: start from the trajectories in DIR (warm start)')
+@click.option('--variation_steps', metavar='INT', type=int, default=None, help='Parallel, with --init_trajectory: re-solve only the last K evaluations [default: all]')
 def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, schedule_type, schedule_rho, sigma_min,
          sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
-         dtype, device):
+         dtype, device, timesteps, num_samples, eta, parallel, window_size, order, memory_size, max_steps, tol, stop,
+         final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps):
     """Generate images: any solver, any model, any number of torchrun workers.
 
     \b
@@ -241,7 +372,19 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
 def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, schedule_type, schedule_rho, sigma_min,
         sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
-        dtype, device):
+        dtype, device, timesteps=None, num_samples=None, eta=None, parallel=None, window_size=None, order=None,
+        memory_size=None, max_steps=None, tol=None, stop='residual', final_tol=1e-2, save_iterates=False,
+        save_trajectory=False, init_trajectory=None, variation_steps=None):
+    if num_samples is not None:
+        seeds = f'0-{num_samples - 1}'
+    if timesteps is not None:
+        if num_steps is not None and num_steps != timesteps + 1:
+            raise UsageError(f"--timesteps={timesteps} (steps) and --num_steps={num_steps} (time points) disagree; "
+                             "give one of them")
+        num_steps = timesteps + 1
+    if parallel is None and (save_iterates or save_trajectory or init_trajectory or variation_steps is not None):
+        raise UsageError("--save_iterates/--save_trajectory/--init_trajectory/--variation_steps need --parallel=taa "
+                         "or --parallel=picard")
     seed_list = parse_int_list(seeds)
     if not seed_list:
         raise UsageError(f"--seeds={seeds!r} selects no seed")
@@ -267,13 +410,16 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     overrides = dict(solver=solver, num_steps=num_steps, schedule_type=schedule_type, schedule_rho=schedule_rho,
                      sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
                      max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
-                     variant=variant, dtype=dtype)
+                     variant=variant, dtype=dtype, eta=eta or None)
     if t_steps is not None:
         t_grid = parse_t_steps(t_steps)
         overrides.update(t_steps=t_grid, num_steps=len(t_grid), sigma_max=t_grid[0], sigma_min=t_grid[-1])
     settings = resolve_settings(cfg, overrides)
     if predictor is None:
         solvers.check_options(**settings)
+        if settings.get('eta') and settings['solver'] != 'ddim':
+            raise UsageError(f"--eta={eta} is for --solver=ddim (stochastic DDIM); {settings['solver']} is "
+                             "deterministic")
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
     if dist.get_rank() != 0:
         dist.barrier()
@@ -293,6 +439,32 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         prompts = load_prompt_source(prompt=prompt, prompt_file=prompt_file, dataset_name=dataset_name)
     elif prompt is not None or prompt_file is not None:
         raise UsageError(f"--prompt/--prompt_file given, but {dataset_name} is not a text-to-image model")
+    parallel_opts = None
+    if parallel is not None:
+        solve_keys = ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs', 'denoise_to_zero', 'max_order',
+                      'predict_x0', 'lower_order_final', 'variant', 'sigma_min', 'sigma_max', 'eta')
+        opts = {k: settings[k] for k in solve_keys if k in settings}
+        if settings.get('t_steps'):
+            opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
+        scheme = par.solver_scheme(net, predictor=predictor, **opts)
+        if tol is None:
+            tol = 0.0 if stop == 'final' else 1e-4
+        if memory_size is None:
+            memory_size = 3 if parallel == 'taa' else 1
+        parallel_opts = dict(method=parallel, window_size=window_size, order=order, memory_size=memory_size,
+                             max_steps=max_steps, tol=tol, stop=stop, final_tol=final_tol,
+                             variation_steps=variation_steps)
+        par.check_parallel_options(num_evals=scheme.num_evals, **{k: v for k, v in parallel_opts.items()
+                                                                   if k != 'variation_steps'})
+        if init_trajectory is not None and not os.path.isdir(init_trajectory):
+            raise UsageError(f"--init_trajectory={init_trajectory} is not a folder; give a run's trajectories folder")
+        if variation_steps is not None and init_trajectory is None:
+            raise UsageError("--variation_steps needs --init_trajectory (the run to start from)")
+        if variation_steps is not None and not 1 <= variation_steps <= scheme.num_evals:
+            raise UsageError(f"--variation_steps={variation_steps} must be between 1 and the number of evaluations "
+                             f"({scheme.num_evals})")
+        parallel_opts = dict(parallel_opts, scheme=scheme, save_iterates=save_iterates,
+                             save_trajectory=save_trajectory, init_trajectory=init_trajectory)
     # Everything that changes a pixel: a folder holds images of one such setting only.
     image_settings = dict(dataset_name=dataset_name, model=model_path or cfg['model'],
                           guidance_type=guidance_type, guidance_rate=guidance_rate, class_idx=class_idx,
@@ -303,12 +475,15 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         folder = training.resolve_predictor_path(predictor_path)
         image_settings['predictor'] = file_digest([os.path.join(folder, training.SETTINGS_FILE),
                                                    os.path.join(folder, training.PREDICTOR_FILE)])
+    if parallel_opts is not None:
+        image_settings['parallel'] = {k: v for k, v in parallel_opts.items()
+                                      if k not in ('scheme', 'save_iterates', 'save_trajectory')}
     if outdir is None:
         nfe = predictor.nfe() if predictor is not None else solvers.nfe_formula(**settings)
         name = f"{settings['solver']}_nfe{nfe}_{settings['schedule_type']}"
         if predictor is not None:
             name = f"{predictor.kind}-{name}_{image_settings['predictor']}"
-        outdir = os.path.join('samples', dataset_name, name)
+        outdir = os.path.join('samples', dataset_name, name + (f'_{parallel}' if parallel else ''))
     check_outdir(outdir, image_settings)
     if dist.get_rank() == 0:
         try:
@@ -326,13 +501,21 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     dist.print0(f'Sampling {len(seed_list)} seeds of {dataset_name} with {settings["solver"]} '
                 f'({settings["num_steps"]} time points, {settings["schedule_type"]}) into {outdir}')
     summary = generate(net, seed_list, outdir, settings, batch, batch_gpu, subdirs, class_idx, save_npz, predictor,
-                       device, prompts)
+                       device, prompts, parallel=parallel_opts)
     dist.barrier()
     if dist.get_rank() == 0:
         grid_path = write_grid(outdir, seed_list, subdirs) if grid else None
         summary['outdir'] = outdir
         lines = [f"images: {summary['images']} new, {summary['skipped']} already there"]
-        if summary['images']:
+        p = summary.get('parallel')
+        if p and summary['images']:
+            lines += [f"{p['method']}: sequential rounds {p['iterations_per_batch']:g} per batch of up to {batch} "
+                      f"(per image: mean {p['rounds_mean']:.2f}, max {p['rounds_max']}; the sequential solver: "
+                      f"{p['sequential_rounds']})",
+                      f"evaluations per image: {p['evals_per_image']:.1f} (sequential: {p['sequential_evals']})",
+                      f"residual at stop: {p['residual_max']:.3g} (largest first-order RMS residual, VP units)",
+                      f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
+        elif summary['images']:
             lines += [f"NFE per image: {summary['nfe_per_image']:g} (sequential rounds: "
                       f"{summary['sequential_rounds']:g})",
                       f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]

@@ -1,10 +1,18 @@
-"""Parallel-in-time Euler/DDIM: the fixed point is the sequential trajectory."""
+"""Parallel-in-time solving: the fixed point is the sequential solver's run, for every solver with a step form."""
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 import solvers
 from models.analytic import image_mixture
-from solvers.parallel import parallel_sample
+from solvers.noise import ImageNoise
+from solvers.parallel import parallel_sample, solve_parallel, solver_scheme
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -14,13 +22,35 @@ def setup():
     return net, latents
 
 
+def _rmse(x, ref):
+    return (x - ref).flatten(1).pow(2).mean(1).sqrt()
+
+
+@pytest.mark.parametrize('solver, extra', [
+    ('euler', {}), ('ddim', dict(eta=1.0)), ('heun', {}), ('dpmpp', {}), ('dpmpp', dict(afs=True)), ('unipc', {}),
+    ('ipndm', {}), ('deis', {}), ('euler', dict(denoise_to_zero=True))])
 @pytest.mark.parametrize('method', ['picard', 'taa'])
-def test_tol_zero_reaches_the_sequential_output_to_float_precision(setup, method):
+def test_tol_zero_reaches_the_sequential_output_to_float_precision(setup, solver, extra, method):
     net, latents = setup
-    ref = solvers.sample(net, latents, solver='euler', num_steps=13)
-    x, stats = parallel_sample(net, latents, solver='euler', num_steps=13, method=method, tol=0.0, max_steps=12)
+    noise = ImageNoise([0, 1, 2]) if extra.get('eta') else None
+    ref = solvers.sample(net, latents, solver=solver, num_steps=9, noise=noise, **extra)
+    x, stats = parallel_sample(net, latents, solver=solver, num_steps=9, method=method, tol=0.0, noise=noise,
+                               **extra)
     torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
-    assert stats['iterations'] <= 12
+    # Triangular: M iterations (the sequential solver's evaluations) make it exact, and no more are run.
+    assert stats['iterations'] <= solver_scheme(net, solver=solver, num_steps=9, **extra).num_evals
+
+
+def test_ddim_eta_zero_is_euler_and_eta_one_uses_each_images_noise(setup):
+    net, latents = setup
+    euler = solvers.sample(net, latents, solver='euler', num_steps=9)
+    torch.testing.assert_close(solvers.sample(net, latents, solver='ddim', num_steps=9), euler)
+    a = solvers.sample(net, latents, solver='ddim', num_steps=9, eta=1.0, noise=ImageNoise([0, 1, 2]))
+    b = solvers.sample(net, latents[1:], solver='ddim', num_steps=9, eta=1.0, noise=ImageNoise([1, 2]))
+    torch.testing.assert_close(a[1:], b, atol=1e-12, rtol=0)
+    assert float((a - euler).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match='noise source'):
+        solvers.sample(net, latents, solver='ddim', num_steps=9, eta=1.0)
 
 
 @pytest.mark.parametrize('method', ['picard', 'taa'])
@@ -28,14 +58,101 @@ def test_a_tolerance_stops_early_near_the_sequential_output(setup, method):
     net, latents = setup
     ref = solvers.sample(net, latents, solver='euler', num_steps=26)
     x, stats = parallel_sample(net, latents, solver='euler', num_steps=26, method=method, tol=1e-4)
-    assert stats['iterations'] < 25
-    assert (x - ref).pow(2).mean().sqrt() < 1e-2
+    assert int(stats['rounds'].max()) < 20 and stats['iterations'] == int(stats['rounds'].max())
+    assert float(_rmse(x, ref).max()) < 1e-3
+    assert bool(stats['converged'].all()) and bool(torch.isfinite(stats['residual']).all())
+
+
+def test_final_state_rule_bounds_the_output_error(setup):
+    net, latents = setup
+    ref = solvers.sample(net, latents, solver='dpmpp', num_steps=26)
+    for final_tol in (1e-2, 1e-4):
+        x, stats = parallel_sample(net, latents, solver='dpmpp', num_steps=26, method='taa', tol=0.0,
+                                   stop='final', final_tol=final_tol)
+        assert float(_rmse(x, ref).max()) < final_tol
+        assert int(stats['rounds'].max()) < 25
+
+
+def test_an_epd_predictor_runs_in_parallel_and_amed_is_refused(setup):
+    from tests.test_train import epd_settings
+    from training.predictors import AMEDPredictor, EPDPredictor
+    net, latents = setup
+    pred = EPDPredictor(epd_settings(num_points=2, sample_shape=list(net.sample_shape), num_steps=6),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+        ref = pred.sample(net, latents)
+    x, stats = parallel_sample(net, latents, predictor=pred, method='taa', tol=0.0)
+    torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
+    assert stats['sequential_rounds'] == 10        # 2 rounds per step: the first slope, then the K points
+    amed = AMEDPredictor(epd_settings(sampler_stu='amed', sample_shape=list(net.sample_shape), feature_dim=64))
+    with pytest.raises(ValueError, match='not affine'):
+        parallel_sample(net, latents, predictor=amed)
+
+
+def test_warm_start_from_the_converged_trajectory_resolves_only_the_last_steps(setup):
+    net, latents = setup
+    ref = solvers.sample(net, latents, solver='euler', num_steps=26)
+    scheme = solver_scheme(net, solver='euler', num_steps=26)
+    _, cold = solve_parallel(net, scheme, latents, tol=0.0)
+    x, warm = solve_parallel(net, scheme, latents, tol=0.0, init_trajectory=cold['trajectory'], variation_steps=5)
+    torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
+    assert warm['iterations'] <= 5 < cold['iterations']
+    with pytest.raises(ValueError, match='another solver or grid'):
+        solve_parallel(net, scheme, latents, init_trajectory=cold['trajectory'][:-1], variation_steps=5)
+
+
+def test_split_evaluation_gives_the_single_call_result(setup):
+    net, latents = setup
+    scheme = solver_scheme(net, solver='dpmpp', num_steps=13)
+    x1, s1 = solve_parallel(net, scheme, latents, tol=1e-5)
+    calls = []
+
+    def in_three(call, rows):      # what split_evaluate does across 3 workers, in one process
+        bounds = [rows * r // 3 for r in range(4)]
+        calls.append(rows)
+        return torch.cat([call(lo, hi) for lo, hi in zip(bounds, bounds[1:])])
+    x3, s3 = solve_parallel(net, scheme, latents, tol=1e-5, evaluate=in_three)
+    torch.testing.assert_close(x3, x1, atol=1e-13, rtol=0)
+    assert s3['iterations'] == s1['iterations'] == len(calls)
 
 
 @pytest.mark.parametrize('options, message', [
     (dict(window_size=40), 'window_size=40'), (dict(memory_size=0), 'memory_size=0'),
-    (dict(solver='heun'), 'no parallel step form'), (dict(method='nope'), 'unknown parallel method')])
+    (dict(method='nope'), 'unknown parallel method'), (dict(stop='final'), 'final_tol'),
+    (dict(solver='euler', eta=1.0), "is for solver 'ddim'")])
 def test_bad_options_are_one_clear_error(setup, options, message):
     net, latents = setup
     with pytest.raises(ValueError, match=message):
         parallel_sample(net, latents, **dict(dict(solver='euler', num_steps=13), **options))
+
+
+@pytest.mark.slow
+def test_torchrun_two_workers_write_the_images_of_one_worker(tmp_path):
+    args = ['sample.py', '--solver=dpmpp', '--timesteps=12', '--parallel=taa', '--num_samples=3', '--batch=3',
+            '--dtype=float64', '--save_npz=True', '--subdirs=False']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable] + args + [f'--outdir={tmp_path}/one'], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args
+                   + [f'--outdir={tmp_path}/two'], cwd=ROOT, env=env, check=True, capture_output=True)
+    for seed in range(3):
+        a = np.load(tmp_path / 'one' / f'{seed:06d}.npz')['x']
+        b = np.load(tmp_path / 'two' / f'{seed:06d}.npz')['x']
+        np.testing.assert_allclose(b, a, atol=1e-12, rtol=0)
+        assert (tmp_path / 'two' / f'{seed:06d}.png').read_bytes() == (tmp_path / 'one' / f'{seed:06d}.png').read_bytes()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--parallel=taa', '--timesteps=10', '--window_size=11'], 'window_size=11'),
+    (['--parallel=taa', '--memory_size=0'], 'memory_size=0'),
+    (['--solver=euler', '--eta=1'], 'for --solver=ddim'),
+    (['--save_iterates=True'], 'need --parallel')])
+def test_sample_py_refuses_bad_parallel_input_in_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, 'sample.py', '--num_samples=1', f'--outdir={tmp_path}/x'] + args,
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not os.path.exists(tmp_path / 'x' / '000000')

@@ -124,6 +124,18 @@ def rank_batches(num_items, max_batch_size):
     return all_batches[get_rank()::world]
 
 
+def split_evaluate(call, rows):
+    """Evaluate rows 0..rows-1 of one batched call split across the processes: rank r evaluates the r-th of
+    `world` near-equal contiguous slices (call(lo, hi) -> tensor [hi - lo, ...]); the slices are all-gathered
+    in rank order, so every process gets the whole result (a parallel-in-time solver's window, as the
+    reference splits its window over GPUs)."""
+    if not is_initialized():
+        return call(0, rows)
+    world, rank = get_world_size(), get_rank()
+    bounds = [rows * r // world for r in range(world + 1)]
+    return all_gather(call(bounds[rank], bounds[rank + 1]))
+
+
 def shutdown():
     """Leave the process group (if any), so that the process exits cleanly."""
     global _backend
