@@ -84,10 +84,12 @@ def guard_finite(net, sigmas):
 def resolve_settings(cfg, overrides):
     """Solver settings: the dataset config's recommendations, overridden by options given on the command line."""
     settings = dict(solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False,
-                    denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant='bh2',
+                    denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant=None,
                     dtype='float32')
     settings.update(cfg.get('sample', {}))
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings['variant'] is None:
+        settings['variant'] = solvers.default_variant(settings['solver'])
     return settings
 
 
@@ -204,7 +206,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--max_order', metavar='INT', type=int, default=None, help='Order of multistep solvers')
 @click.option('--predict_x0', metavar='BOOL', type=bool, default=None, help='DPM-Solver++/UniPC: data prediction')
 @click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='Lower the order on the final steps of short runs')
-@click.option('--variant', metavar='bh1|bh2', default=None, help='UniPC variant')
+@click.option('--variant', metavar='NAME', default=None, help='Update variant: unipc bh2|bh1, dpmpp phi3|2phi3 (docs/solvers.md) [default: the first]')
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
 @click.option('--guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
 @click.option('--prompt', metavar='TEXT', default=None, help='One prompt for every image (text-to-image models)')
