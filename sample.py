@@ -45,8 +45,14 @@ def save_npz(path, array):
     atomic_write(path, lambda f: np.savez(f, x=array), fsync=False)
 
 
+def grid_path(outdir):
+    """The grid goes beside the folder it shows (<outdir>.grid.png), not into it: the folder stays a set of
+    same-sized samples that fid.py calc can score as it is."""
+    return os.path.normpath(os.path.abspath(outdir)) + '.grid.png'
+
+
 def write_grid(outdir, seeds, subdirs, max_images=64):
-    """A grid of the first images of the run, written as grid.png; returns its path or None."""
+    """A grid of the first images of the run, written as <outdir>.grid.png; returns its path or None."""
     paths = [image_path(outdir, s, subdirs) for s in seeds[:max_images]]
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
@@ -58,7 +64,7 @@ def write_grid(outdir, seeds, subdirs, max_images=64):
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
     for i, tile in enumerate(tiles):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = tile
-    path = os.path.join(outdir, 'grid.png')
+    path = grid_path(outdir)
     atomic_write(path, lambda f: PIL.Image.fromarray(grid).save(f, format='PNG'))
     return path
 
@@ -217,7 +223,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
 @click.option('--seeds', metavar='LIST', default='0-63', help="Seeds, e.g. '0-63' or '1,5,10-19'")
 @click.option('--outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN_SCHEDULE, predictors: KIND-..._HASH]')
 @click.option('--subdirs', metavar='BOOL', type=bool, default=True, help='1000 images a folder')
-@click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write grid.png of the first 64 images')
+@click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write <outdir>.grid.png of the first 64 images')
 @click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
 @click.option('--dtype', metavar='NAME', type=click.Choice(list(DTYPES)), default=None, help='Sampling dtype [default: the config\'s, else float32]')
 @click.option('--device', metavar='DEV', default=None, help='Device [default: cuda if available]')
