@@ -92,6 +92,11 @@ def resolve_settings(cfg, overrides):
     settings = dict(solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False,
                     denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant=None,
                     dtype='float32')
+    unknown = sorted(set(cfg.get('sample', {})) - set(settings) - {'sigma_min', 'sigma_max'})
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)} in the sample section of the "
+                         f"{cfg.get('dataset_name')} config; allowed: {', '.join(sorted(settings))}, sigma_min, "
+                         "sigma_max")
     settings.update(cfg.get('sample', {}))
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings['variant'] is None:
