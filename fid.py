@@ -11,6 +11,7 @@ Examples:
 import hashlib
 import json
 import os
+import tempfile
 import urllib.request
 
 import click
@@ -156,7 +157,12 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.image_set.read_batch(self.batches[i].tolist()))
+        # A file that cannot be decoded comes back as its one-line message: raised in a DataLoader worker, the
+        # exception would reach the main process wrapped in the worker's traceback.
+        try:
+            return torch.from_numpy(self.image_set.read_batch(self.batches[i].tolist()))
+        except ImageSetError as e:
+            return str(e)
 
 
 def feature_stats(features):
@@ -192,6 +198,8 @@ def compute_stats(image_set, detector, batch=64, device=None, num_workers=0, cac
                                          prefetch_factor=2 if num_workers else None)
     with torch.no_grad():
         for images in loader:
+            if isinstance(images, str):
+                raise click.ClickException(images)
             if images.shape[0] == 0:
                 continue
             f = detector(images.to(device))
@@ -257,14 +265,30 @@ def pixel_fd(samples, ref_mu, ref_sigma, quantize=True):
 
 
 def load_dataset_model(dataset_name):
-    """The denoiser of a dataset config (configs/<name>.yaml)."""
+    """The denoiser of a dataset config (configs/<name>.yaml), which must know its data distribution (an analytic
+    model); checked on the config before anything is loaded or downloaded."""
     try:
         from configs import load_config
         import models
     except ImportError as e:
         raise click.ClickException(f'--dataset_name needs the configs package ({e})')
-    cfg = load_config(dataset_name)
-    return models.load_denoiser(**cfg['model'])
+    try:
+        cfg = load_config(dataset_name)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f'--dataset_name: {e}')
+    family = cfg['model'].get('family')
+    not_analytic = (f"--dataset_name={dataset_name}: exact pixel statistics need an analytic model (one that knows "
+                    f"its data distribution, e.g. gmm_image); this model is {{}}; compute reference statistics from "
+                    f"dataset images with --data=<folder or zip> instead")
+    if family not in (None, 'analytic'):
+        raise click.ClickException(not_analytic.format(f'family {family!r}'))
+    try:
+        net = models.load_denoiser(**cfg['model'])
+    except (models.ModelError, ValueError, TypeError, OSError) as e:
+        raise click.ClickException(f'--dataset_name={dataset_name}: {e}')
+    if not (hasattr(net, 'data_mean') and hasattr(net, 'data_covariance')):
+        raise click.ClickException(not_analytic.format(f'a {type(net).__name__} without data_mean/data_covariance'))
+    return net
 
 
 # -- CLIP score ----------------------------------------------------------------------------------------------
@@ -320,6 +344,26 @@ def clip_score(image_set, prompts, model, preprocess, tokenizer, batch=64, devic
 
 
 # -- command line --------------------------------------------------------------------------------------------
+
+def check_dest(dest_path):
+    """Refuse, before any work, a --dest that cannot become the statistics file: a folder, a path under a file,
+    or a folder that cannot be written. Creates no file or folder."""
+    dest = os.path.abspath(dest_path)
+    if os.path.isdir(dest):
+        raise click.ClickException(f'--dest={dest_path} is a folder; give the file to write, e.g. '
+                                   f'--dest={os.path.join(dest_path, "ref.npz")}')
+    parent = os.path.dirname(dest)
+    while not os.path.exists(parent):                  # the nearest existing ancestor: atomic_write creates the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.ClickException(f'--dest={dest_path}: {parent} is a file, not a folder; choose another --dest')
+    try:                                               # a real probe: permissions alone miss read-only mounts
+        fd, probe = tempfile.mkstemp(dir=parent, prefix='.fid-dest-probe.')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise click.ClickException(f'--dest={dest_path}: cannot write in {parent} ({e.strerror}); choose a '
+                                   f'writable --dest')
 
 def _open_images(path, num=None, seed=0):
     try:
@@ -402,6 +446,7 @@ def ref(dataset_path, dataset_name, dest_path, num, seed, batch, detector, cache
     """Calculate reference statistics (npz with mu, sigma) for 'calc'."""
     if (dataset_path is None) == (dataset_name is None):
         raise click.ClickException('give exactly one of --data (images) and --dataset_name (analytic model)')
+    check_dest(dest_path)
     dist.init()
     if dataset_name is not None:
         if detector not in (None, 'pixels'):
@@ -414,7 +459,10 @@ def ref(dataset_path, dataset_name, dest_path, num, seed, batch, detector, cache
         dist.print0(f'Calculating statistics of {len(image_set)} images from "{dataset_path}" ({det.name} features)...')
         mu, sigma = compute_stats(image_set, det, batch=batch, device=device, num_workers=workers, cache=cache)
     if dist.get_rank() == 0:
-        atomic_write(dest_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        try:
+            atomic_write(dest_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        except OSError as e:
+            raise click.ClickException(f'cannot write --dest={dest_path} ({e.strerror}); choose a writable --dest')
         print(f'Saved {dest_path}')
     dist.barrier()
     dist.shutdown()

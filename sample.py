@@ -47,8 +47,14 @@ def save_npz(path, array):
     atomic_write(path, lambda f: np.savez(f, x=array), fsync=False)
 
 
+def grid_path(outdir):
+    """The grid goes beside the folder it shows (<outdir>.grid.png), not into it: the folder stays a set of
+    same-sized samples that fid.py calc can score as it is."""
+    return os.path.normpath(os.path.abspath(outdir)) + '.grid.png'
+
+
 def write_grid(outdir, seeds, subdirs, max_images=64):
-    """A grid of the first images of the run, written as grid.png; returns its path or None."""
+    """A grid of the first images of the run, written as <outdir>.grid.png; returns its path or None."""
     paths = [image_path(outdir, s, subdirs) for s in seeds[:max_images]]
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
@@ -60,7 +66,7 @@ def write_grid(outdir, seeds, subdirs, max_images=64):
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
     for i, tile in enumerate(tiles):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = tile
-    path = os.path.join(outdir, 'grid.png')
+    path = grid_path(outdir)
     atomic_write(path, lambda f: PIL.Image.fromarray(grid).save(f, format='PNG'))
     return path
 
@@ -86,10 +92,17 @@ def guard_finite(net, sigmas):
 def resolve_settings(cfg, overrides):
     """Solver settings: the dataset config's recommendations, overridden by options given on the command line."""
     settings = dict(solver='euler', num_steps=6, schedule_type='polynomial', schedule_rho=7.0, afs=False,
-                    denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant='bh2',
+                    denoise_to_zero=False, max_order=None, predict_x0=True, lower_order_final=True, variant=None,
                     dtype='float32')
+    unknown = sorted(set(cfg.get('sample', {})) - set(settings) - {'sigma_min', 'sigma_max'})
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)} in the sample section of the "
+                         f"{cfg.get('dataset_name')} config; allowed: {', '.join(sorted(settings))}, sigma_min, "
+                         "sigma_max")
     settings.update(cfg.get('sample', {}))
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings['variant'] is None:
+        settings['variant'] = solvers.default_variant(settings['solver'])
     return settings
 
 
@@ -319,7 +332,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--max_order', metavar='INT', type=int, default=None, help='Order of multistep solvers')
 @click.option('--predict_x0', metavar='BOOL', type=bool, default=None, help='DPM-Solver++/UniPC: data prediction')
 @click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='Lower the order on the final steps of short runs')
-@click.option('--variant', metavar='bh1|bh2', default=None, help='UniPC variant')
+@click.option('--variant', metavar='NAME', default=None, help='Update variant: unipc bh2|bh1, dpmpp phi3|2phi3 (docs/solvers.md) [default: the first]')
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
 @click.option('--guidance_rate', '--cfg_scale', 'guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
 @click.option('--prompt', metavar='TEXT', default=None, help='One prompt for every image (text-to-image models)')
@@ -330,7 +343,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--seeds', metavar='LIST', default='0-63', help="Seeds, e.g. '0-63' or '1,5,10-19'")
 @click.option('--outdir', '--output_path', 'outdir', metavar='DIR', default=None, help='Output folder [default: samples/DATASET/SOLVER_nfeN_SCHEDULE, predictors: KIND-..._HASH]')
 @click.option('--subdirs', metavar='BOOL', type=bool, default=True, help='1000 images a folder')
-@click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write grid.png of the first 64 images')
+@click.option('--grid', metavar='BOOL', type=bool, default=False, help='Also write <outdir>.grid.png of the first 64 images')
 @click.option('--save_npz', metavar='BOOL', type=bool, default=False, help='Also save the raw float samples (.npz per seed)')
 @click.option('--dtype', metavar='NAME', type=click.Choice(list(DTYPES)), default=None, help='Sampling dtype [default: the config\'s, else float32]')
 @click.option('--device', metavar='DEV', default=None, help='Device [default: cuda if available]')

@@ -71,12 +71,16 @@ def run_grid(net, latents, exact, names):
     return results
 
 
-# -- side experiment: the third-order coefficient of DPM-Solver++(3M) -------------------------------------------
+# -- side experiment: the two DPM-Solver++(3M) variants ------------------------------------------------------------
+
+CROSSOVER_NFES = (3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60, 80)
+VARIANT_LABELS = {'phi3': 'phi3 (default: diff-sampler, k-diffusion, diffusers)', '2phi3': '2phi3 (third order)'}
+
 
 def dpmpp_3m(net, x, sigmas, second_difference_weight):
-    """DPM-Solver++(3M), data prediction, written out independently of solvers/classical.py so that the weight on
-    the second divided difference can be changed: 2 reproduces the library's exact update (checked below), 1 is the
-    widely copied variant. Warm start at orders 1 and 2; no lower-order final steps (the grids here are long)."""
+    """DPM-Solver++(3M), data prediction, written out independently of solvers/classical.py: weight 1 on the second
+    divided difference is the variant 'phi3', weight 2 the variant '2phi3' (both checked against solvers.dpmpp
+    below). Warm start at orders 1 and 2; no lower-order final steps (the grids here are long)."""
     history = []                                                   # (lambda, D), newest first
     for i in range(len(sigmas) - 1):
         s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -115,21 +119,23 @@ def graded_grid(n, warm, sigma_min, sigma_max):
 
 
 def measure_3m_orders(net, seed, steps=(40, 80, 160)):
-    """Errors and observed orders of the 3M update with weight 2 (exact) and 1 (copied) on the second divided
-    difference, on graded and on plain log-uniform grids over sigma in [0.1, 20] (float64)."""
+    """Errors and observed orders of the two 3M variants on graded and on plain log-uniform grids over sigma in
+    [0.1, 20] (float64)."""
     lo, hi = 0.1, 20.0
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, *net.sample_shape, generator=g, dtype=torch.float64) * hi
     exact = solvers.solve_exact(net, x, hi, lo, rtol=1e-12, atol=1e-12)
-    # The local update with weight 2 must be the library's solver, step for step.
+    # The independent rewrite must be the library's solver, step for step, for both weights.
     sigmas = graded_grid(steps[0], 2, lo, hi)
-    with torch.no_grad():
-        mine = dpmpp_3m(net, x, sigmas, 2.0)
-        library = solvers.SOLVERS['dpmpp'].fn(net, x, sigmas, max_order=3, lower_order_final=False)
-    assert torch.allclose(mine, library, rtol=0, atol=1e-12), 'local 3M update differs from solvers.dpmpp'
+    for variant, weight in (('phi3', 1.0), ('2phi3', 2.0)):
+        with torch.no_grad():
+            mine = dpmpp_3m(net, x, sigmas, weight)
+            library = solvers.SOLVERS['dpmpp'].fn(net, x, sigmas, max_order=3, lower_order_final=False,
+                                                  variant=variant)
+        assert torch.allclose(mine, library, rtol=0, atol=1e-12), f'3M rewrite differs from solvers.dpmpp {variant}'
     rows = []
-    for label, weight, warm in [('2 phi_3 (solvers.dpmpp)', 2.0, 2), ('phi_3 (copied variant)', 1.0, 2),
-                                ('2 phi_3, no graded warm-up', 2.0, 0), ('phi_3, no graded warm-up', 1.0, 0)]:
+    for label, weight, warm in [('2phi3', 2.0, 2), ('phi3 (default)', 1.0, 2),
+                                ('2phi3, no graded warm-up', 2.0, 0), ('phi3, no graded warm-up', 1.0, 0)]:
         errors = []
         for n in steps:
             with torch.no_grad():
@@ -140,6 +146,32 @@ def measure_3m_orders(net, seed, steps=(40, 80, 160)):
         print(f'3M {label:30s} errors ' + ' '.join(f'{e:.3e}' for e in errors) + '  orders '
               + ' '.join(f'{o:.2f}' for o in orders), flush=True)
     return steps, rows
+
+
+def measure_3m_crossover(net, latents, exact):
+    """{(schedule, variant): [RMSE at each of CROSSOVER_NFES]} for solvers.sample's dpmpp at its defaults
+    (max_order 3, lower-order final steps), the same latents and exact solution as the main tables."""
+    table = {}
+    for schedule, rho, _ in SCHEDULES:
+        for variant in VARIANT_LABELS:
+            row = []
+            for nfe in CROSSOVER_NFES:
+                with torch.no_grad():
+                    out = solvers.sample(net, latents, 'dpmpp', nfe + 1, schedule,
+                                         rho if rho is not None else 7.0, variant=variant)
+                row.append(rmse(out, exact))
+            table[schedule, variant] = row
+            print(f'3M {schedule:13s} {variant:6s} ' + ' '.join(f'{e:9.2e}' for e in row), flush=True)
+    return table
+
+
+def crossover_nfe(phi3, two_phi3):
+    """The smallest tested NFE from which 2phi3's error stays below phi3's at every larger tested NFE (None if it
+    does not)."""
+    for k in range(len(CROSSOVER_NFES)):
+        if all(b < a for a, b in zip(phi3[k:], two_phi3[k:])):
+            return CROSSOVER_NFES[k]
+    return None
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -159,8 +191,8 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
              'NFE = denoiser evaluations per sample, counted with `solvers.count_calls` for every entry. Solvers '
              'with one evaluation per step use NFE + 1 time points; `heun` and `dpm` (two per step) use NFE/2 + 1 '
              'time points for even NFE, and (NFE+1)/2 + 1 with the analytical first step (AFS) for odd NFE. '
-             'Multistep solvers run at their default maximum order with lower-order final steps (the defaults of '
-             '`solvers.sample`).', '']
+             'Multistep solvers run at their default maximum order with lower-order final steps, `dpmpp` and '
+             '`unipc` at their default variants `phi3` and `bh2` (the defaults of `solvers.sample`).', '']
     for schedule, _, title in SCHEDULES:
         lines += [f'## {title}', '', '| solver | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |',
                   '| --- |' + ' ---: |' * len(NFES)]
@@ -198,30 +230,49 @@ def write_report(path, names, results, batch, seed, exact_seconds, threads, load
                       'than the extra evaluations gain: ' + '; '.join(f'{m} on {s} {a:.2e} at NFE 10 vs {b:.2e} at NFE 15'
                                                                        for s, m, a, b in rises) + '.', '']
     lines += ['## Notes on orders', '',
-              '**DPM-Solver++(3M) coefficient.** In data prediction, one step integrates D against the kernel '
+              '**DPM-Solver++(3M): two variants.** In data prediction, one step integrates D against the kernel '
               'e^{u-h} over u in [0, h] (h the step in log sigma). Expanding D = D0 + u D1 + (u^2/2) D2, the three '
               'terms get the weights -(e^{-h} - 1), h phi_2 and -h^2 phi_3, with phi_2 = (e^{-h} - 1)/h + 1 and '
               'phi_3 = (phi_2 - 1/2)/h as written in the code. The multistep update does not estimate h^2 D2 but the '
               'second divided difference of the past outputs in units of h, which tends to h^2 D2 / 2 (a Newton '
-              'coefficient). Its weight therefore has to be 2 phi_3, and `solvers.dpmpp` uses 2 phi_3. The update '
-              'copied through many implementations multiplies the divided difference by phi_3 alone, i.e. adds only '
-              'half of the curvature correction: the h^3 term of the local error no longer cancels and the method '
-              'is globally second order, no better than 2M while storing one more output. `tests/test_convergence.py` '
-              'checks the library\'s order; the side experiment below measures both weights with an independent '
-              'rewrite of the update in the bench script (which agrees with `solvers.dpmpp` to 1e-12 for weight 2).', '']
+              'coefficient), so the weight that cancels the h^3 term of the local error is 2 phi_3: `--variant=2phi3` '
+              'is third order. The published update, used by diff-sampler (which produced the seeds\' tables), '
+              'k-diffusion (`sample_dpmpp_3m_sde` at eta = 0) and diffusers (`DPMSolverMultistepScheduler`, order 3), '
+              'weights it by phi_3 alone: it adds half the curvature correction and is second order in the limit. '
+              '`--variant=phi3` is that update and the default, so published numbers reproduce '
+              '(`tests/test_dpmpp_variants.py` checks it against diffusers\' scheduler on its own grid to float32 '
+              'rounding and against every third-order step of k-diffusion\'s update to float64 rounding; k-diffusion '
+              'differs only in its one second-order warm-up step, which uses the phi_2 ("heun") form where '
+              'diff-sampler, diffusers\' default and `solvers.dpmpp` use the midpoint form). `tests/test_convergence.py` '
+              'measures orders 3 and 2. The table below measures both weights with an independent rewrite of the '
+              'update in the bench script (which agrees with `solvers.dpmpp` to 1e-12 for both variants).', '']
     if comparison is None:
         lines += [f'(Run with `--compare_3m=True` to measure it; `{COMMAND}` does.)', '']
     else:
-        steps, rows = comparison
+        (steps, rows), crossover = comparison
         lines += ['RMSE against the exact solution over sigma in [0.1, 20] on log-uniform grids of N steps '
                   '(float64, 2 samples); "graded" grids make the two warm-up steps h^2 long, as the convergence '
                   'test does. Order = log2 of the error ratio between N and 2N.', '',
-                  '| weight on the 2nd divided difference | ' + ' | '.join(f'N = {n}' for n in steps) + ' | '
+                  '| variant (weight on the 2nd divided difference) | ' + ' | '.join(f'N = {n}' for n in steps) + ' | '
                   + ' | '.join(f'order {steps[k]}->{steps[k + 1]}' for k in range(len(steps) - 1)) + ' |',
                   '| --- |' + ' ---: |' * (2 * len(steps) - 1)]
         for label, errors, orders in rows:
             lines.append(f'| {label} | ' + ' | '.join(f'{e:.3e}' for e in errors) + ' | '
                          + ' | '.join(f'{o:.2f}' for o in orders) + ' |')
+        lines += ['', '**Where the third-order variant starts to pay.** RMSE of `dpmpp` at its defaults (max_order 3, '
+                  'lower-order final steps) against the exact solution, same latents and model as the tables above, '
+                  'for both variants; the lower of each pair is bold. NFE 3 and 4 take no third-order step, so the '
+                  'variants agree there. "2phi3 from" is the smallest tested NFE from which 2phi3 is lower at every '
+                  'larger tested NFE.', '',
+                  '| schedule | variant | ' + ' | '.join(f'NFE {n}' for n in CROSSOVER_NFES) + ' | 2phi3 from |',
+                  '| --- | --- |' + ' ---: |' * (len(CROSSOVER_NFES) + 1)]
+        for schedule, _, title in SCHEDULES:
+            a, b = crossover[schedule, 'phi3'], crossover[schedule, '2phi3']
+            cross = crossover_nfe(a, b)
+            for variant, row, other in (('phi3', a, b), ('2phi3', b, a)):
+                cells = [f'**{fmt(v)}**' if v < w else fmt(v) for v, w in zip(row, other)]
+                last = (f'NFE {cross}' if cross is not None else 'not up to NFE 80') if variant == 'phi3' else ''
+                lines.append(f'| {title} | {VARIANT_LABELS[variant]} | ' + ' | '.join(cells) + f' | {last} |')
         lines.append('')
     lines += ['**Warm-up limits the global order.** A k-step method needs k past outputs, so its first steps are '
               'taken at orders 1, 2, ...; with `lower_order_final` the last steps of short runs drop back too. A '
@@ -284,7 +335,7 @@ def write_figures(out, names, results=None):
 @click.option('--seed', metavar='INT', type=int, default=0, help='Seed of the latents')
 @click.option('--solvers', 'names', metavar='LIST', default=None, help='Comma-separated solvers [default: every registered solver]')
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=1, help='Torch intra-op threads (1 keeps timings steady on a shared machine)')
-@click.option('--compare_3m', metavar='BOOL', type=bool, default=False, help='Also measure the orders of the 3M update with weight 2 phi_3 vs phi_3')
+@click.option('--compare_3m', metavar='BOOL', type=bool, default=False, help='Also measure the two DPM-Solver++(3M) variants: orders, and error vs NFE up to 80')
 @click.option('--figures_only', metavar='BOOL', type=bool, default=False, help='Only redraw the figures, from the tables already on the --out page')
 def main(out, batch, seed, names, threads, compare_3m, figures_only):
     """Accuracy against the exact solution for every solver, NFE and schedule; writes a markdown report."""
@@ -302,7 +353,7 @@ def main(out, batch, seed, names, threads, compare_3m, figures_only):
     exact_seconds = time.perf_counter() - start
     print(f'exact solution: {exact_seconds:.1f} s; RMSE per pixel at NFE ' + ' '.join(f'{n:>9d}' for n in NFES))
     results = run_grid(net, latents, exact, names)
-    comparison = measure_3m_orders(net, seed) if compare_3m else None
+    comparison = (measure_3m_orders(net, seed), measure_3m_crossover(net, latents, exact)) if compare_3m else None
     load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
     write_report(out, names, results, batch, seed, exact_seconds, torch.get_num_threads(), load, comparison)
     write_figures(out, names, results)

@@ -87,7 +87,7 @@ def main(kimg, num_eval, num_fd, predictor):
         print(f'{label:28s} {cost:24s} {err:10.5f} {fd:10.2f}')
     best_classical = min(r[2] for r in rows[1:])
     print(f'\nEPD error / best classical error at NFE {nfe}: {rows[0][2] / best_classical:.2f}')
-    print(f'Images: {outdir}/ (grid: {outdir}/grid.png); predictor: {predictor}')
+    print(f'Images: {outdir}/ (grid: {outdir}.grid.png); predictor: {predictor}')
 
 
 if __name__ == '__main__':

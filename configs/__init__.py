@@ -17,8 +17,19 @@ def load_config(name):
     path = name if str(name).endswith(('.yaml', '.yml')) else os.path.join(CONFIG_DIR, f'{name}.yaml')
     if not os.path.isfile(path):
         raise ValueError(f"unknown dataset_name {name!r}; known: {', '.join(known_datasets())}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # noqa: BLE001 - yaml and omegaconf raise several error types for a malformed file
+        detail = ' '.join(str(e).split())
+        raise ValueError(f"{path} is not a valid YAML config ({type(e).__name__}: {detail}); fix the file "
+                         "(configs/gmm_image.yaml shows the form)")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must be a mapping with sections model, sample, train; got a "
+                         f"{type(cfg).__name__}")
     for section in ('model', 'sample', 'train'):
+        if not isinstance(cfg.get(section) or {}, dict):
+            raise ValueError(f"{path}: the {section} section must be a mapping of options, not "
+                             f"{cfg.get(section)!r}")
         cfg[section] = dict(cfg.get(section) or {})
     cfg.setdefault('dataset_name', os.path.splitext(os.path.basename(str(name)))[0])
     return cfg

@@ -38,6 +38,24 @@ def import_callable(spec):
         raise ModelError(f"--model_path=python:{spec}: module {module_name} has no attribute {attr!r}")
 
 
+def check_model_options(family, config, allowed, guided=False):
+    """Refuse, naming them, model options a family's loader does not take (e.g. a typo in a config's model
+    section), and guidance options for a model without guidance. guidance_type None/'uncond'/'none' and
+    guidance_rate None always pass; cache_dir is every loader's."""
+    config = dict(config)
+    if not guided:
+        gtype, rate = config.pop('guidance_type', None), config.pop('guidance_rate', None)
+        if gtype not in (None, 'uncond', 'none', 'None', '') or rate is not None:
+            given = f'guidance_type={gtype}' if gtype not in (None, 'uncond', 'none', 'None', '') else \
+                f'guidance_rate={rate}'
+            raise ModelError(f"{given}: family {family} models take no guidance; drop the guidance options "
+                             f"(--guidance_type/--guidance_rate, or guidance_* in the config's model section)")
+    unknown = set(config) - set(allowed) - {'cache_dir', 'guidance_type', 'guidance_rate'}
+    if unknown:
+        raise ModelError(f"unknown model option(s) {', '.join(sorted(unknown))} for family {family} (a typo in "
+                         f"the config's model section?); allowed: {', '.join(sorted(set(allowed) | {'cache_dir'}))}")
+
+
 def load_family(family, model_path, **config):
     """Load a denoiser of a known family."""
     if family not in FAMILIES:

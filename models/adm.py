@@ -597,6 +597,10 @@ def load(model_path, classifier_path=None, guidance_type=None, guidance_rate=0.0
         guidance_type = None
     if guidance_type not in (None, 'cg'):
         raise ModelError(f'ADM models support guidance_type cg or none, not {guidance_type!r}')
+    from models import check_model_options
+    check_model_options('adm', config, set(ADM_DEFAULTS) | set(CLASSIFIER_DEFAULTS) | {
+        'classifier_path', 'guidance_type', 'guidance_rate', 'clip_denoised', 'noise_schedule', 'diffusion_steps',
+        'sigma_min', 'sigma_max'}, guided=True)
     arch = _arch(ADM_DEFAULTS, config)
     state = _read_state_dict(open_model_file(model_path, cache_dir=cache_dir), 'ADM weights')
     unet_kwargs = unet_args_from_weights(state, arch)
@@ -617,6 +621,8 @@ def load(model_path, classifier_path=None, guidance_type=None, guidance_rate=0.0
 
 def load_cm(model_path, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, cache_dir=None, **config):
     """Family 'cm': the consistency-models EDM networks (edm_bedroom256_ema.pt, edm_cat256_ema.pt)."""
+    from models import check_model_options
+    check_model_options('cm', config, set(CM_DEFAULTS) | {'sigma_min', 'sigma_max', 'sigma_data'})
     arch = _arch(CM_DEFAULTS, config)
     state = _read_state_dict(open_model_file(model_path, cache_dir=cache_dir), 'CM weights')
     unet_kwargs = unet_args_from_weights(state, arch)

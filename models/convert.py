@@ -45,19 +45,30 @@ def save_converted(denoiser, dest):
 def load(model_path, cache_dir=None, **config):
     """Family 'safetensors': a converted model (<name>.safetensors beside <name>.json)."""
     from safetensors.torch import load_file
-    from models import import_callable
+    from models import check_model_options, import_callable
     weights_path, json_path = _paths(model_path)
     for path in (weights_path, json_path):
         if not os.path.isfile(path):
             raise ModelError(f'converted model file {path} is missing; convert with '
                              f'python -m models.convert --src=... --dest={_paths(model_path)[0][:-12]}')
-    with open(json_path) as f:
-        spec = json.load(f)
-    if spec.get('format') != FORMAT or spec.get('version') != FORMAT_VERSION:
+    try:
+        with open(json_path) as f:
+            spec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f'{json_path} is not valid JSON ({e}); convert the model again')
+    if not isinstance(spec, dict) or spec.get('format') != FORMAT or spec.get('version') != FORMAT_VERSION:
         raise ModelError(f'{json_path} is not a {FORMAT} v{FORMAT_VERSION} description')
     if spec.get('family') not in FROM_SPEC:
         raise ModelError(f"{json_path} names family {spec.get('family')!r}; convertible: {', '.join(FROM_SPEC)}")
-    state = load_file(weights_path)
+    allowed = {'sigma_min', 'sigma_max'} | ({'guidance_rate'} if spec['family'] == 'adm' else set())
+    guided = spec['family'] == 'adm' and spec.get('guidance_type')
+    check_model_options(f"safetensors ({spec['family']})", config, allowed, guided=bool(guided))
+    config.pop('guidance_type', None)
+    try:
+        state = load_file(weights_path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a truncated or foreign file
+        raise ModelError(f'{weights_path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be '
+                         f'truncated: convert the model again')
     return import_callable(FROM_SPEC[spec['family']])(spec, state, **config)
 
 

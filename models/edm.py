@@ -252,8 +252,10 @@ def from_spec(spec, state_dict, sigma_min=None, sigma_max=None, **unused):
                        sigma_max=spec.get('sigma_max') if sigma_max is None else sigma_max)
 
 
-def load(model_path, sigma_min=None, sigma_max=None, cache_dir=None, **unused):
+def load(model_path, sigma_min=None, sigma_max=None, cache_dir=None, **config):
     """Family 'edm': an NVIDIA EDM pickle (local path or URL). sigma_min/max override the native range."""
+    from models import check_model_options
+    check_model_options('edm', config, ('sigma_min', 'sigma_max'))
     path = open_model_file(model_path, cache_dir=cache_dir)
     return EDMDenoiser(load_network(path), sigma_min=sigma_min, sigma_max=sigma_max)
 

@@ -40,7 +40,13 @@ SOLVERS = {
                        + int(drift != 'fresh') + int(bool(denoise_to_zero))),
     'sed_ref': SolverInfo(stochastic.sed_ref, 1, stochastic=True, nfe=lambda num_steps, **_: num_steps),
 }
-UNIPC_VARIANTS = ('bh1', 'bh2')
+# Named variants of a solver's update (--variant); the first is the default.
+VARIANTS = {'unipc': ('bh2', 'bh1'), 'dpmpp': classical.DPMPP_VARIANTS}
+
+
+def default_variant(solver):
+    """The variant a solver runs when none is given (None for solvers without variants)."""
+    return VARIANTS.get(solver, (None,))[0]
 
 
 def register(name, info):
@@ -57,7 +63,7 @@ def nfe_formula(solver, num_steps, afs=False, denoise_to_zero=False, **_):
 
 
 def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None, sigma_max=None, max_order=None,
-                  variant='bh2', **options):
+                  variant=None, **options):
     """Raise ValueError naming the bad option and its allowed values."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(sorted(SOLVERS))}")
@@ -72,8 +78,13 @@ def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None,
         raise ValueError(f"max_order={max_order} is out of range for solver {solver!r}; allowed: {allowed}")
     if sigma_min is not None and sigma_max is not None and not 0 < sigma_min < sigma_max:
         raise ValueError(f"sigma_min={sigma_min} and sigma_max={sigma_max} must satisfy 0 < sigma_min < sigma_max")
-    if solver == 'unipc' and variant not in UNIPC_VARIANTS:
-        raise ValueError(f"variant={variant!r} is not a UniPC variant; allowed: {', '.join(UNIPC_VARIANTS)}")
+    if variant is not None:
+        if solver not in VARIANTS:
+            raise ValueError(f"variant={variant!r} given, but solver {solver!r} has no variants (solvers with "
+                             f"variants: {', '.join(sorted(VARIANTS))}); drop the variant")
+        if variant not in VARIANTS[solver]:
+            raise ValueError(f"variant={variant!r} is not a variant of solver {solver!r}; allowed: "
+                             f"{', '.join(sorted(VARIANTS[solver]))}")
     if SOLVERS[solver].stochastic:
         stochastic.check_options(solver, **options)
 
@@ -152,6 +163,8 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
                                                                             dtype=latents.dtype))
     opts = dict(options, max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                 schedule_rho=schedule_rho)
+    if opts.get('variant') is None:
+        opts['variant'] = default_variant(solver)
     return info.fn(net, x, sigmas, cond, afs=afs, denoise_to_zero=denoise_to_zero,
                    return_trajectory=return_trajectory, **opts)
 

@@ -18,8 +18,10 @@ STEPS = (80, 160)
 # (solver, options, expected order, number of warm-up steps)
 CASES = [
     ('euler', {}, 1, 0), ('heun', {}, 2, 0), ('dpm', {}, 2, 0), ('dpm', dict(r=0.3), 2, 0),
-    ('dpmpp', dict(max_order=1), 1, 0), ('dpmpp', dict(max_order=2), 2, 1), ('dpmpp', dict(max_order=3), 3, 2),
-    ('dpmpp', dict(max_order=3, predict_x0=False), 3, 2),
+    ('dpmpp', dict(max_order=1), 1, 0), ('dpmpp', dict(max_order=2), 2, 1),
+    # 3M: the 2 phi_3 weight is third order; the peers' phi_3 (the default) adds half the curvature term: order 2.
+    ('dpmpp', dict(max_order=3, variant='2phi3'), 3, 2), ('dpmpp', dict(max_order=3, predict_x0=False, variant='2phi3'), 3, 2),
+    ('dpmpp', dict(max_order=3, variant='phi3'), 2, 2), ('dpmpp', dict(max_order=3, predict_x0=False, variant='phi3'), 2, 2),
     ('deis', dict(max_order=2), 2, 1), ('deis', dict(max_order=3), 3, 2), ('deis', dict(max_order=4), 4, 3),
     ('ipndm_v', dict(max_order=2), 2, 1), ('ipndm_v', dict(max_order=3), 3, 2), ('ipndm_v', dict(max_order=4), 4, 3),
     # UniPC-p with its corrector UniC is of order p + 1.

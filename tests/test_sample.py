@@ -74,7 +74,7 @@ def test_every_solver_through_cli(tmp_path):
         result = run_cli(['sample.py', f'--sampler_stu={name}', '--num_steps=4', '--seeds=0-1', '--batch=2',
                           f'--outdir={tmp_path}/{name}', '--grid=True'])
         assert os.path.isfile(tmp_path / name / '000000' / '000001.png')
-        assert os.path.isfile(tmp_path / name / 'grid.png')
+        assert os.path.isfile(tmp_path / f'{name}.grid.png') and not os.path.exists(tmp_path / name / 'grid.png')
         nfe = solvers.nfe_formula(name, 4)
         assert f'NFE per image: {nfe:g}' in result.stdout
         opts = json.loads((tmp_path / name / 'sample_options.json').read_text())

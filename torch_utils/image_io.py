@@ -20,6 +20,10 @@ class ImageSetError(Exception):
     """An image set cannot be read as asked; the message says what is wrong with which file."""
 
 
+# What PIL raises for a file that is not an image, or is truncated or corrupt (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
 def atomic_write(path, data, fsync=True):
     """Write a file so that readers see either the old file or the complete new one, never a partial one.
 
@@ -128,10 +132,13 @@ class ImageSet:
         return self._open_zip().open(name, 'r')
 
     def _header_shape(self, name):
-        with self._open_file(name) as f:
-            img = PIL.Image.open(f)
-            channels = 1 if img.mode in ('L', 'I', 'I;16', 'F', '1') else 3
-            return (channels, img.height, img.width)
+        try:
+            with self._open_file(name) as f:
+                img = PIL.Image.open(f)
+                channels = 1 if img.mode in ('L', 'I', 'I;16', 'F', '1') else 3
+                return (channels, img.height, img.width)
+        except DECODE_ERRORS as e:
+            raise ImageSetError(f'{self.path}: {name} is not a readable image ({e}); remove or regenerate it')
 
     def _check_shapes(self):
         if self._kind == 'array':
@@ -148,11 +155,16 @@ class ImageSet:
         name = self.names[i]
         if self._kind == 'array':
             return self._array[self._index[i]]
-        with self._open_file(name) as f:
-            img = PIL.Image.open(io.BytesIO(f.read()))
-            if img.mode not in ('L', 'RGB'):
-                img = img.convert('L' if self.shape[0] == 1 else 'RGB')
-            return _to_chw(np.asarray(img, dtype=np.uint8), name)
+        try:
+            with self._open_file(name) as f:
+                img = PIL.Image.open(io.BytesIO(f.read()))
+                img.load()
+        except DECODE_ERRORS as e:
+            # A truncated or corrupt file can have a valid header: it fails only here, when decoded.
+            raise ImageSetError(f'{self.path}: {name} cannot be decoded ({e}); remove or regenerate it')
+        if img.mode not in ('L', 'RGB'):
+            img = img.convert('L' if self.shape[0] == 1 else 'RGB')
+        return _to_chw(np.asarray(img, dtype=np.uint8), name)
 
     def read_batch(self, indices):
         """uint8 array [B, C, H, W] of the images at the given positions."""

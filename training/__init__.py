@@ -49,14 +49,28 @@ def load_predictor(path, exps_dir=EXPS_DIR):
     if not (os.path.isfile(settings_path) and os.path.isfile(weights_path)):
         raise ValueError(f"{folder} holds no trained predictor ({SETTINGS_FILE} and {PREDICTOR_FILE}); has the "
                          "training finished?")
-    with open(settings_path) as f:
-        settings = json.load(f)
+    try:
+        with open(settings_path) as f:
+            settings = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{settings_path} is not valid JSON ({e}); restore it from the training run or retrain")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{settings_path} holds a {type(settings).__name__}, not the predictor's settings")
     kind = settings.pop('predictor', None)
     progress = settings.pop('training', None)
     if kind not in PREDICTORS:
         raise ValueError(f"{settings_path}: unknown predictor kind {kind!r}; known: {', '.join(PREDICTORS)}")
     predictor = PREDICTORS[kind](settings)
-    predictor.load_state_dict(load_file(weights_path))
+    try:
+        state = load_file(weights_path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
+                         "truncated: restore it from the training run or retrain")
+    try:
+        predictor.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights_path} does not match the predictor described in {settings_path} "
+                         f"({str(e).splitlines()[0]})")
     predictor.progress = progress
     return predictor.eval().requires_grad_(False)
 
