@@ -270,6 +270,7 @@ def load_dataset_model(dataset_name):
     try:
         from configs import load_config
         import models
+        from models.loading import load_model
     except ImportError as e:
         raise click.ClickException(f'--dataset_name needs the configs package ({e})')
     try:
@@ -283,7 +284,7 @@ def load_dataset_model(dataset_name):
     if family not in (None, 'analytic'):
         raise click.ClickException(not_analytic.format(f'family {family!r}'))
     try:
-        net = models.load_denoiser(**cfg['model'])
+        net = load_model(cfg, None, 'cpu')
     except (models.ModelError, ValueError, TypeError, OSError) as e:
         raise click.ClickException(f'--dataset_name={dataset_name}: {e}')
     if not (hasattr(net, 'data_mean') and hasattr(net, 'data_covariance')):

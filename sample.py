@@ -18,6 +18,7 @@ import tqdm
 import configs
 import models
 import solvers
+from models.loading import load_model
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
@@ -116,19 +117,6 @@ def parse_t_steps(text):
         raise UsageError(f"--t_steps={text!r} must list at least 2 strictly decreasing positive noise levels, "
                          "e.g. --t_steps=\"[80,10.98,3.88,1.58,0.57,0.17,0.002]\"")
     return grid
-
-
-def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
-    kwargs = dict(cfg['model'])
-    if model_path is not None:
-        kwargs['model_path'] = model_path
-        if str(model_path).startswith('python:'):
-            kwargs = {'model_path': model_path}
-    if guidance_type is not None:
-        kwargs['guidance_type'] = guidance_type
-    if guidance_rate is not None:
-        kwargs['guidance_rate'] = guidance_rate
-    return models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
 
 
 def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,

@@ -17,6 +17,7 @@ import configs
 import models
 import solvers
 import training
+from models.loading import load_model
 from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
@@ -237,7 +238,6 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype'))
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
-    from sample import load_model
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
     kind = predictor_kind(sampler_stu, plugin)
     settings = dict(predictor=kind, dataset_name=cfg['dataset_name'], sampler_stu=sampler_stu, sampler_tea=sampler_tea,

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import configs                                   # noqa: E402
 import sample                                    # noqa: E402
+from models.loading import load_model            # noqa: E402
 import solvers                                   # noqa: E402
 from torch_utils import misc                     # noqa: E402
 
@@ -93,7 +94,7 @@ def time_in_process(seeds, batch, solver, num_steps, dtype, outdir):
     denoiser; "quantize": the conversion to uint8)."""
     cfg = configs.load_config(configs.DEFAULT_DATASET)
     settings = sample.resolve_settings(cfg, dict(solver=solver, num_steps=num_steps, dtype=dtype))
-    net = sample.load_model(cfg, None, torch.device('cpu'))
+    net = load_model(cfg, None, torch.device('cpu'))
     denoiser, png, fsync, latents, solve, quantize = (Stopwatch() for _ in range(6))
     starts = []
 

@@ -649,7 +649,7 @@ def ldm_pipeline(parts):
 
 def dit_pipeline(transformer, single_file_config):
     from diffusers import DDIMScheduler, DiTPipeline
-    from models.latent import single_file_folder
+    from models.pipeline_folder import single_file_folder
     folder = single_file_folder(single_file_config, 'dit', 'a DiT checkpoint', ('vae', 'scheduler'))
     scheduler = DDIMScheduler.from_config(folder.scheduler_config())
     return DiTPipeline(transformer=transformer, vae=folder.component('vae'), scheduler=scheduler)

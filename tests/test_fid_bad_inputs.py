@@ -80,8 +80,8 @@ def test_ref_refuses_a_bad_dest_before_any_work(tmp_path, case, monkeypatch):
 ])
 def test_ref_dataset_name_errors(tmp_path, args, expect, monkeypatch):
     # Nothing may be downloaded: the family is checked on the config.
-    import models
-    monkeypatch.setattr(models, 'load_denoiser', lambda **k: pytest.fail('a model was loaded'))
+    import models.loading
+    monkeypatch.setattr(models.loading, 'load_model', lambda *a, **k: pytest.fail('a model was loaded'))
     lines = invoke(['ref', *args, f'--dest={tmp_path / "r.npz"}'], tmp_path)
     assert len(lines) == 1 and expect in lines[0], lines
     assert not os.path.exists(tmp_path / 'r.npz')
