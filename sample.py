@@ -21,7 +21,7 @@ import solvers
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
-from torch_utils.run_options import check_outdir, file_digest
+from torch_utils.run_options import check_outdir, file_digest, same_value
 
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -103,6 +103,20 @@ def parse_t_steps(text):
     return grid
 
 
+def check_predictor_options(predictor, given, predictor_path):
+    """Solver options next to --predictor_path: the predictor fixes them, so one that disagrees with it (or that it
+    has no use for) is refused, not silently ignored."""
+    fixed = predictor.sampling_options()
+    for name, value in given.items():
+        flag = '--sampler_stu' if name == 'solver' else f'--{name}'
+        if name not in fixed:
+            raise UsageError(f"{flag} does not apply with --predictor_path={predictor_path} (the predictor fixes its "
+                             "own solver settings); drop it")
+        if not same_value(value, fixed[name]):
+            raise UsageError(f"{flag}={value} contradicts the predictor's {name}={fixed[name]} "
+                             f"(--predictor_path={predictor_path}); drop {flag} or use a predictor trained with it")
+
+
 def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
     kwargs = dict(cfg['model'])
     if model_path is not None:
@@ -113,7 +127,13 @@ def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
         kwargs['guidance_type'] = guidance_type
     if guidance_rate is not None:
         kwargs['guidance_rate'] = guidance_rate
-    return models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
+    net = models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
+    given = [f'--{k}={v}' for k, v in (('guidance_type', guidance_type), ('guidance_rate', guidance_rate))
+             if v is not None and v not in ('none', 'None', 'uncond')]
+    if given and not net.label_dim and not getattr(net, 'prompt_keys', None):
+        raise models.ModelError(f"{' '.join(given)} given, but the model of {cfg['dataset_name']} has no conditions (no "
+                         "classes, no prompts), so guidance would change nothing; drop the guidance options")
+    return net
 
 
 def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,
@@ -274,12 +294,21 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     settings = resolve_settings(cfg, overrides)
     if predictor is None:
         solvers.check_options(**settings)
+    else:
+        if t_steps is not None:
+            raise UsageError(f"--t_steps does not apply with --predictor_path={predictor_path} (the predictor has "
+                             "its own grid); drop it")
+        check_predictor_options(predictor, {k: v for k, v in overrides.items() if v is not None and k != 'dtype'},
+                                predictor_path)
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
     if dist.get_rank() != 0:
         dist.barrier()
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
     if dist.get_rank() == 0:
         dist.barrier()
+    if predictor is None:   # the sigma range again, now with the model's own ends
+        solvers.check_options(**dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
+                                     sigma_max=settings.get('sigma_max') or net.sigma_max))
     if predictor is not None:
         predictor.check_model(net)
         predictor = predictor.to(device)
