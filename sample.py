@@ -22,7 +22,7 @@ from models.loading import load_model
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write, to_uint8
 from torch_utils.misc import parse_int_list, randn_per_seed, seed_generators
-from torch_utils.run_options import check_outdir, file_digest
+from torch_utils.run_options import check_outdir, file_digest, same_value
 from solvers.noise import ImageNoise
 from solvers import parallel as par
 
@@ -117,6 +117,20 @@ def parse_t_steps(text):
         raise UsageError(f"--t_steps={text!r} must list at least 2 strictly decreasing positive noise levels, "
                          "e.g. --t_steps=\"[80,10.98,3.88,1.58,0.57,0.17,0.002]\"")
     return grid
+
+
+def check_predictor_options(predictor, given, predictor_path):
+    """Solver options next to --predictor_path: the predictor fixes them, so one that disagrees with it (or that it
+    has no use for) is refused, not silently ignored."""
+    fixed = predictor.sampling_options()
+    for name, value in given.items():
+        flag = '--sampler_stu' if name == 'solver' else f'--{name}'
+        if name not in fixed:
+            raise UsageError(f"{flag} does not apply with --predictor_path={predictor_path} (the predictor fixes its "
+                             "own solver settings); drop it")
+        if not same_value(value, fixed[name]):
+            raise UsageError(f"{flag}={value} contradicts the predictor's {name}={fixed[name]} "
+                             f"(--predictor_path={predictor_path}); drop {flag} or use a predictor trained with it")
 
 
 def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,
@@ -421,12 +435,21 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         if settings.get('eta') and settings['solver'] != 'ddim':
             raise UsageError(f"--eta={eta} is for --solver=ddim (stochastic DDIM); {settings['solver']} is "
                              "deterministic")
+    else:
+        if t_steps is not None:
+            raise UsageError(f"--t_steps does not apply with --predictor_path={predictor_path} (the predictor has "
+                             "its own grid); drop it")
+        check_predictor_options(predictor, {k: v for k, v in overrides.items() if v is not None and k != 'dtype'},
+                                predictor_path)
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
     if dist.get_rank() != 0:
         dist.barrier()
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
     if dist.get_rank() == 0:
         dist.barrier()
+    if predictor is None:   # the sigma range again, now with the model's own ends
+        solvers.check_options(**dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
+                                     sigma_max=settings.get('sigma_max') or net.sigma_max))
     if predictor is not None:
         predictor.check_model(net)
         predictor = predictor.to(device)

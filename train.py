@@ -22,6 +22,7 @@ from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
 from torch_utils.plots import loss_curve
+from torch_utils.run_options import same_value
 
 STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin
 STATE_FILE = 'training-state.pt'
@@ -117,11 +118,20 @@ def recorded_values(options):
     return values
 
 
-def same_value(a, b):
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
-            and not isinstance(b, bool):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    return a == b
+def check_solver_options(opts, sigma_min, sigma_max, max_order):
+    """sample.py's checks (solvers.check_options) on the grid, and on the student's base solver and the teacher: an
+    option sample.py refuses is refused here too. max_order must suit every multistep solver of the run."""
+    student, teacher = opts['sampler_stu'], opts['sampler_tea']
+    grid = dict(num_steps=opts['num_steps'], schedule_type=opts['schedule_type'], schedule_rho=opts['schedule_rho'],
+                sigma_min=sigma_min, sigma_max=sigma_max)
+    solvers.check_options('euler', **grid)
+    multistep = [name for name in dict.fromkeys((student, teacher))
+                 if name in solvers.SOLVERS and solvers.SOLVERS[name].orders != (None,)]
+    if max_order is not None and not multistep:
+        raise UsageError(f"--max_order={max_order} applies to neither the student {student} nor the teacher "
+                         f"{teacher}; drop it (it sets the order of ipndm and dpmpp)")
+    for name in multistep:
+        solvers.check_options(name, max_order=max_order, **grid)
 
 
 def resume_options(kwargs, explicit):
@@ -238,17 +248,19 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype'))
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
+    check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
     kind = predictor_kind(sampler_stu, plugin)
     settings = dict(predictor=kind, dataset_name=cfg['dataset_name'], sampler_stu=sampler_stu, sampler_tea=sampler_tea,
                     num_steps=num_steps, M=M, num_points=num_points if kind == 'epd' else 1, afs=afs,
                     scale_dir=scale_dir, scale_time=scale_time, fcn=fcn, loss=loss, alpha=alpha,
                     schedule_type=schedule_type, schedule_rho=schedule_rho,
-                    sigma_min=sigma_min or net.sigma_min, sigma_max=sigma_max or net.sigma_max,
+                    sigma_min=net.sigma_min if sigma_min is None else sigma_min,
+                    sigma_max=net.sigma_max if sigma_max is None else sigma_max,
                     max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                     guidance_type=guidance_type, guidance_rate=guidance_rate,
                     sample_shape=list(net.sample_shape), dtype=dtype)
-    solvers.check_options('euler', num_steps, schedule_type, settings['sigma_min'], settings['sigma_max'])
+    check_solver_options(opts, settings['sigma_min'], settings['sigma_max'], max_order)   # with the model's range
     prompts = None
     if getattr(net, 'prompt_keys', None):
         from models.prompts import load_prompt_source

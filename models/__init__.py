@@ -1,5 +1,6 @@
 """Model families adapted to the denoiser protocol (see models/base.py), and the one loader over them."""
 import importlib
+import inspect
 
 from models.base import Denoiser, broadcast_sigma, pooled_feature  # noqa: F401
 
@@ -68,6 +69,13 @@ def load_denoiser(model_path=None, family=None, **config):
     """The single entry point: a `python:` callable spec, or a file/folder of a known family."""
     if model_path is not None and str(model_path).startswith('python:'):
         factory = import_callable(str(model_path)[len('python:'):])
+        try:
+            inspect.signature(factory).bind(**config)
+        except TypeError as e:
+            raise ModelError(f"--model_path={model_path} cannot take the option(s) {', '.join(sorted(config))} "
+                             f"({e}); drop them or accept them in the factory") from None
+        except ValueError:      # no signature to inspect (a builtin): let the call decide
+            pass
         net = factory(**config) if config else factory()
         if not isinstance(net, Denoiser):
             raise ModelError(f"--model_path={model_path} returned {type(net).__name__}, not a models.Denoiser")

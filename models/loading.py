@@ -14,4 +14,10 @@ def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
         kwargs['guidance_type'] = guidance_type
     if guidance_rate is not None:
         kwargs['guidance_rate'] = guidance_rate
-    return models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
+    net = models.load_denoiser(**kwargs).to(device).eval().requires_grad_(False)
+    given = [f'--{k}={v}' for k, v in (('guidance_type', guidance_type), ('guidance_rate', guidance_rate))
+             if v is not None and v not in ('none', 'None', 'uncond')]
+    if given and not net.label_dim and not getattr(net, 'prompt_keys', None):
+        raise models.ModelError(f"{' '.join(given)} given, but the model of {cfg['dataset_name']} has no conditions "
+                                "(no classes, no prompts), so guidance would change nothing; drop the guidance options")
+    return net

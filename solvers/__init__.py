@@ -3,6 +3,7 @@
 Pure functions over a denoiser (models/base.py): no I/O, no model-family special cases.
 """
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,9 @@ def nfe_formula(solver, num_steps, afs=False, denoise_to_zero=False, **_):
 
 
 def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None, sigma_max=None, max_order=None,
-                  variant=None, **options):
-    """Raise ValueError naming the bad option and its allowed values."""
+                  variant=None, schedule_rho=None, afs=False, denoise_to_zero=False, **options):
+    """Raise ValueError naming the bad option and its allowed values. sigma_min/sigma_max/schedule_rho may be None
+    (not known yet: the model's); the checks that need them are then left for when they are."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(sorted(SOLVERS))}")
     if schedule_type not in SCHEDULES:
@@ -76,7 +78,12 @@ def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None,
     if max_order is not None and max_order not in orders:
         allowed = 'none (the option does not apply)' if orders == (None,) else f'{orders[0]}-{orders[-1]}'
         raise ValueError(f"max_order={max_order} is out of range for solver {solver!r}; allowed: {allowed}")
-    if sigma_min is not None and sigma_max is not None and not 0 < sigma_min < sigma_max:
+    if schedule_rho is not None and not (math.isfinite(schedule_rho) and schedule_rho > 0):
+        raise ValueError(f"schedule_rho={schedule_rho} must be a finite number > 0")
+    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value} must be a finite noise level > 0 (0 < sigma_min < sigma_max)")
+    if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
         raise ValueError(f"sigma_min={sigma_min} and sigma_max={sigma_max} must satisfy 0 < sigma_min < sigma_max")
     if variant is not None:
         if solver not in VARIANTS:
@@ -87,6 +94,9 @@ def check_options(solver, num_steps, schedule_type='polynomial', sigma_min=None,
                              f"{', '.join(sorted(VARIANTS[solver]))}")
     if SOLVERS[solver].stochastic:
         stochastic.check_options(solver, **options)
+    if nfe_formula(solver, num_steps, afs, denoise_to_zero) < 1:
+        raise ValueError(f"solver {solver!r} with num_steps={num_steps} and afs=True makes no denoiser evaluation "
+                         "(the images would be the scaled noise); use num_steps >= 3 or afs=False")
 
 
 def check_grid(sigmas):
@@ -147,7 +157,8 @@ def sample(net, latents, solver='euler', num_steps=6, schedule_type='polynomial'
         # A final step to sigma = 0 (the k-diffusion habit) is an Euler step, which lands exactly on D(x; s_last).
         denoise_to_zero = denoise_to_zero or ends_at_zero
         num_steps = len(sigmas)
-    check_options(solver, num_steps, schedule_type, sigma_min, sigma_max, max_order, **options)
+    check_options(solver, num_steps, schedule_type, sigma_min, sigma_max, max_order, schedule_rho=schedule_rho,
+                  afs=afs, denoise_to_zero=denoise_to_zero, **options)
     info = SOLVERS[solver]
     if info.stochastic and (afs or eval_sigmas is not None):
         raise ValueError(f"{solver} is a stochastic sampler: afs and eval_sigmas apply to the ODE solvers only; "

@@ -1,6 +1,7 @@
 """What determines a folder of samples, and the check that a folder only ever holds images of one setting."""
 import hashlib
 import json
+import math
 import os
 
 OPTIONS_FILE = 'sample_options.json'
@@ -19,6 +20,14 @@ def file_digest(paths, length=8):
 def canonical(value):
     """JSON round trip, so recorded and fresh values compare alike (tuples vs lists, ints vs floats stay)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def same_value(a, b):
+    """Equal settings: numbers to float rounding (0.002 typed vs 0.002 recorded), everything else exactly."""
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 def check_outdir(outdir, image_settings):

@@ -49,6 +49,17 @@ class LearnedPredictor(torch.nn.Module):
                     schedule_type=s['schedule_type'], schedule_rho=s['schedule_rho'], afs=s['afs'],
                     sigma_min=s['sigma_min'], sigma_max=s['sigma_max'])
 
+    def sampling_options(self):
+        """The solver options this predictor fixes, as sample.py names them (max_order, predict_x0 and
+        lower_order_final only where its solver uses them)."""
+        s = self.settings
+        fixed = {k: v for k, v in self.summary().items() if k != 'predictor'}
+        if s['sampler_stu'] in ('ipndm', 'dpmpp'):
+            fixed['max_order'] = s.get('max_order') or 3
+        if s['sampler_stu'] == 'dpmpp':
+            fixed.update(predict_x0=s.get('predict_x0', True), lower_order_final=s.get('lower_order_final', True))
+        return fixed
+
     def check_model(self, net):
         shape = tuple(self.settings['sample_shape'])
         if tuple(net.sample_shape) != shape:
