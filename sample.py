@@ -184,7 +184,8 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                     cond = labels.to(dtype)
                 if prompts is not None:
                     cond = net.encode_prompts(prompts.prompts_for_seeds(part))
-                noise = ImageNoise(part) if settings.get('eta') else None
+                stochastic = settings.get('eta') or predictor is None and solvers.SOLVERS[settings['solver']].stochastic
+                noise = ImageNoise(part) if stochastic else None
                 with torch.no_grad(), solvers.count_calls(net) as counter:
                     x = solvers.sample(net, latents, cond=cond, predictor=predictor, noise=noise, **solve_opts)
                     images = net.decode(x)

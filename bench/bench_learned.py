@@ -89,7 +89,7 @@ def held_out(net, num_eval):
 def classical_errors(net, z, nfe, per_sample):
     """Per-sample errors of every classical solver x schedule at this NFE, keyed 'name (schedule)'."""
     errors = {}
-    for name in sorted(solvers.SOLVERS):
+    for name in sorted(solvers.ode_solvers()):
         steps, afs = classical_settings(name, nfe)
         for schedule, rho in SCHEDULES:
             errors[f'{name} ({schedule})'] = per_sample(solvers.sample(net, z, name, steps, schedule, rho, afs=afs))
@@ -230,7 +230,7 @@ def main(nfes, students, kimg, num_eval, exps, reuse, jobs, out, figures_only):
             match = next((m for m in range(1, 41) if any(
                 per_sample(solvers.sample(net, z, name, classical_settings(name, m)[0], sch, rho,
                                           afs=classical_settings(name, m)[1])).mean() <= epd_err
-                for name in solvers.SOLVERS for sch, rho in SCHEDULES)), None)
+                for name in solvers.ode_solvers() for sch, rho in SCHEDULES)), None)
             lines.append(f'  - smallest classical NFE matching EPD at NFE {n}: {match or "> 40"}')
     lines += ['', '## How the error is made up', '',
               'Samples whose error exceeds 0.1 end near another mixture mode than the exact solution (typical errors',

@@ -340,7 +340,7 @@ def write_figures(out, names, results=None):
 def main(out, batch, seed, names, threads, compare_3m, figures_only):
     """Accuracy against the exact solution for every solver, NFE and schedule; writes a markdown report."""
     torch.set_num_threads(threads)
-    names = names.split(',') if names else list(solvers.SOLVERS)
+    names = names.split(',') if names else solvers.ode_solvers()
     if figures_only:
         write_figures(out, names)
         print(f'wrote the figures of {out}')

@@ -70,7 +70,7 @@ def main(kimg, num_eval, num_fd, predictor):
     data_fd = fid.pixel_fd(net.sample_data(num_fd, g), ref_mu, ref_sigma)
     rows = [('EPD (learned)', f'{nfe} rounds, {pred.evaluations()} evals', rmse(pred.sample(net, z)),
              fid.pixel_fd(pred.sample(net, zf), ref_mu, ref_sigma))]
-    for name in sorted(solvers.SOLVERS):
+    for name in sorted(solvers.ode_solvers()):
         steps, afs = classical_settings(name, nfe)
         best = None
         for schedule, rho in (('polynomial', 7), ('logsnr', 1), ('time_uniform', 2)):

@@ -60,7 +60,7 @@ def main(num_steps, points, schedule, scale, objective, lr, steps, pool):
             opt.step()
     nfe = pred.nfe()
     best = None
-    for name, info in solvers.SOLVERS.items():
+    for name, info in ((n, solvers.SOLVERS[n]) for n in solvers.ode_solvers()):
         afs = info.evals_per_step == 2 and nfe % 2 == 1
         n = (nfe + int(afs)) // 2 + 1 if info.evals_per_step == 2 else nfe + 1
         for sched, r in (('polynomial', 7), ('logsnr', 1), ('time_uniform', 2)):

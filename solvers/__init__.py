@@ -50,6 +50,12 @@ def default_variant(solver):
     return VARIANTS.get(solver, (None,))[0]
 
 
+def ode_solvers():
+    """Names of the deterministic probability-flow ODE solvers, the ones compared against the exact ODE solution
+    (ddim is left out: at eta = 0 it is euler)."""
+    return [name for name, info in SOLVERS.items() if not info.stochastic and name != 'ddim']
+
+
 def register(name, info):
     """Add a solver (learned solvers register themselves this way)."""
     SOLVERS[name] = info
