@@ -173,17 +173,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
             cap = batch_gpu or max(1, len(chunk))   # a chunk may be empty: all its seeds already written
             for lo in range(0, len(chunk), cap):
                 part = chunk[lo:lo + cap]
-                gens = seed_generators(part, device)
-                latents = randn_per_seed(gens, net.sample_shape, dtype, device)
-                cond = None
-                if net.label_dim:
-                    labels = torch.stack([net.sample_labels(g, device) for g in gens])
-                    if class_idx is not None:
-                        labels = torch.nn.functional.one_hot(torch.full((len(part),), class_idx, device=device),
-                                                             net.label_dim).float()
-                    cond = labels.to(dtype)
-                if prompts is not None:
-                    cond = net.encode_prompts(prompts.prompts_for_seeds(part))
+                latents, cond = batch_inputs(net, part, dtype, device, class_idx, prompts)
                 stochastic = settings.get('eta') or predictor is None and solvers.SOLVERS[settings['solver']].stochastic
                 noise = ImageNoise(part) if stochastic else None
                 with torch.no_grad(), solvers.count_calls(net) as counter:
