@@ -144,11 +144,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
     if parallel is not None:
         return generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, save_npz_too, predictor,
                                  device, prompts, parallel)
-    make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
-    def done(seed):
-        return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
-                and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
-    todo = [s for s in seeds if not done(s)]
+    make_png, todo = seeds_to_do(net, seeds, outdir, subdirs, save_npz_too)
     dist.barrier()
     # EDM's sharding: every rank gets the same number of chunks (some may be empty).
     chunks = [[todo[i] for i in idx.tolist()] for idx in dist.rank_batches(len(todo), batch)]
@@ -222,6 +218,15 @@ def load_trajectory(folder, seed, scheme, shape):
     return torch.from_numpy(traj)
 
 
+def seeds_to_do(net, seeds, outdir, subdirs, save_npz_too):
+    """Whether the images are written as PNG (1 or 3 channels), and the seeds whose files are not all there yet."""
+    make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
+    def done(seed):
+        return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
+                and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
+    return make_png, [s for s in seeds if not done(s)]
+
+
 def batch_inputs(net, part, dtype, device, class_idx, prompts):
     """Latents and condition of the images of these seeds (as in generate)."""
     gens = seed_generators(part, device)
@@ -248,11 +253,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
     scheme = opts.pop('scheme')
     save_iterates, save_traj = opts.pop('save_iterates', False), opts.pop('save_trajectory', False)
     init_dir = opts.pop('init_trajectory', None)
-    make_png = (net.image_channels or net.sample_shape[0]) in (1, 3)
-    def done(seed):
-        return ((not make_png or os.path.isfile(image_path(outdir, seed, subdirs)))
-                and (not (save_npz_too or not make_png) or os.path.isfile(image_path(outdir, seed, subdirs, 'npz'))))
-    todo = [s for s in seeds if not done(s)]
+    make_png, todo = seeds_to_do(net, seeds, outdir, subdirs, save_npz_too)
     dist.barrier()
     iterations, rounds, evals, residuals = [], [], [], []
     start = time.time()
