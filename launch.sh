@@ -11,12 +11,18 @@ PY="$VENV/bin/python"
 GPUS=${GPUS:-1}
 
 setup() {
-  if [ ! -x "$PY" ] || ! "$PY" -c "import torch, diffusers, click, omegaconf" 2>/dev/null; then
+  # The stamp records which requirements.txt the environment was built from, so a ready environment costs
+  # nothing here (importing torch to check it takes seconds); a changed requirements.txt reinstalls.
+  local stamp="$VENV/.requirements.sha256" want
+  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  if [ -x "$PY" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+  if [ ! -x "$PY" ] || ! "$PY" -c "import torch, diffusers, click, omegaconf" 2>/dev/null || [ -f "$stamp" ]; then
     echo "Creating the environment in $VENV (torch and friends; a few minutes the first time)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -r requirements.txt
   fi
+  echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 }
 
 run() {  # torchrun when more than one worker is asked for
@@ -45,8 +51,12 @@ sample() {
 }
 
 # ---- evaluate: FID of a folder of samples ---------------------------------------------------------------------
+evaluate_args() {  # checked before setup, so a missing variable is said at once, not after loading torch
+  : "${IMAGES:?set IMAGES=folder of samples}" "${REF:?set REF=reference npz or URL}"
+}
+
 evaluate() {
-  run fid.py calc --images="${IMAGES:?set IMAGES=folder of samples}" --ref="${REF:?set REF=reference npz or URL}" "$@"
+  run fid.py calc --images="$IMAGES" --ref="$REF" "$@"
 }
 
 # ---- rl: fine-tune a distilled EPD predictor's table against a reward (RDPO) -----------------------------------
@@ -76,7 +86,7 @@ case "$target" in
   test) setup; tests "$@" ;;
   train) setup; train "$@" ;;
   sample) setup; sample "$@" ;;
-  evaluate) setup; evaluate "$@" ;;
-  rl) setup; rl "$@" ;;
+  evaluate) evaluate_args; setup; evaluate "$@" ;;
+  rl) : "${PREDICTOR:?set PREDICTOR=distilled EPD predictor}"; setup; rl "$@" ;;
   *) echo "launch.sh: unknown target '$target'; use one of: setup demo test train sample evaluate rl" >&2; exit 2 ;;
 esac

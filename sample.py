@@ -312,6 +312,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
+@click.option('--classifier_path', metavar='PATH|URL', default=None, help='Noise-aware classifier for --guidance_type=cg (family adm) [default: the config\'s]')
 @click.option('--predictor_path', metavar='PATH|INT', default=None, help='Trained predictor: folder, file or experiment number')
 @click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
               help=f'Solver when no predictor is given: {", ".join(sorted(solvers.SOLVERS))}')
@@ -330,7 +331,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
 @click.option('--guidance_rate', '--cfg_scale', 'guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
 @click.option('--prompt', metavar='TEXT', default=None, help='One prompt for every image (text-to-image models)')
-@click.option('--prompt_file', metavar='PATH', default=None, help='Prompts: text lines or a CSV with a text column')
+@click.option('--prompt_file', '--prompt_path', 'prompt_file', metavar='PATH', default=None, help='Prompts: text lines or a CSV with a text column')
 @click.option('--class', 'class_idx', metavar='INT', type=int, default=None, help='Fixed class label (conditional models)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=64, help='Total batch size over all workers')
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap')
@@ -360,7 +361,7 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
          sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
          dtype, device, timesteps, num_samples, eta, parallel, window_size, order, memory_size, max_steps, tol, stop,
-         final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps):
+         final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps, classifier_path):
     """Generate images: any solver, any model, any number of torchrun workers.
 
     \b
@@ -381,7 +382,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
         dtype, device, timesteps=None, num_samples=None, eta=None, parallel=None, window_size=None, order=None,
         memory_size=None, max_steps=None, tol=None, stop='residual', final_tol=1e-2, save_iterates=False,
-        save_trajectory=False, init_trajectory=None, variation_steps=None):
+        save_trajectory=False, init_trajectory=None, variation_steps=None, classifier_path=None):
     if num_samples is not None:
         seeds = f'0-{num_samples - 1}'
     if timesteps is not None:
@@ -436,7 +437,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
     if dist.get_rank() != 0:
         dist.barrier()
-    net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
+    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
     if dist.get_rank() == 0:
         dist.barrier()
     if predictor is None:   # the sigma range again, now with the model's own ends
@@ -482,7 +483,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         parallel_opts = dict(parallel_opts, scheme=scheme, save_iterates=save_iterates,
                              save_trajectory=save_trajectory, init_trajectory=init_trajectory)
     # Everything that changes a pixel: a folder holds images of one such setting only.
-    image_settings = dict(dataset_name=dataset_name, model=model_path or cfg['model'],
+    image_settings = dict(dataset_name=dataset_name, model=model_path or cfg['model'], classifier=classifier_path,
                           guidance_type=guidance_type, guidance_rate=guidance_rate, class_idx=class_idx,
                           prompt=prompt, prompt_file=file_digest([prompt_file]) if prompt_file else None,
                           settings=dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
@@ -509,7 +510,8 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             os.unlink(probe)
         except OSError as e:
             raise UsageError(f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder")
-        options = dict(dataset_name=dataset_name, model_path=model_path, predictor_path=predictor_path,
+        options = dict(dataset_name=dataset_name, model_path=model_path, classifier_path=classifier_path,
+                       predictor_path=predictor_path,
                        seeds=seeds, batch=batch, settings=settings, images=image_settings)
         atomic_write(os.path.join(outdir, 'sample_options.json'),
                      json.dumps(options, indent=2, default=str).encode())

@@ -179,6 +179,7 @@ class Logger:
 @click.command(context_settings=dict(show_default=True))
 @click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml or a YAML path)')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
+@click.option('--classifier_path', metavar='PATH|URL', default=None, help='Noise-aware classifier for --guidance_type=cg (family adm) [default: the config\'s]')
 @click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default=None, help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm/dpmpp (AMED-Plugin) [default: epd]')
 @click.option('--plugin', metavar='epd|amed', type=click.Choice(['epd', 'amed']), default='epd', help='For --sampler_stu=ipndm: which predictor plugs in')
 @click.option('--sampler_tea', metavar='NAME', type=click.Choice(TEACHERS), default=None, help='Teacher solver [default: dpm]')
@@ -201,7 +202,7 @@ class Logger:
 @click.option('--lower_order_final', metavar='BOOL', type=bool, default=None, help='DPM-Solver++ teacher option [default: True]')
 @click.option('--guidance_type', metavar='cg|cfg|uncond', default=None, help='Guidance (models that support it)')
 @click.option('--guidance_rate', metavar='FLOAT', type=float, default=None, help='Guidance strength')
-@click.option('--prompt_path', metavar='PATH', default=None, help='Prompts for text-to-image models (lines or CSV)')
+@click.option('--prompt_path', '--prompt_file', 'prompt_path', metavar='PATH', default=None, help='Prompts for text-to-image models (lines or CSV)')
 @click.option('--batch', metavar='INT', type=click.IntRange(min=1), default=None, help='Total batch size [default: 64]')
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap (gradient accumulation)')
 @click.option('--total_kimg', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Training length in thousands of samples [default: 10]')
@@ -234,7 +235,7 @@ def main(**kwargs):
 def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M, num_points, afs, scale_dir,
         scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, sigma_min, sigma_max, max_order,
         predict_x0, lower_order_final, guidance_type, guidance_rate, prompt_path, batch, batch_gpu, total_kimg, lr,
-        coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run):
+        coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None):
     dist.init()
     device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -249,7 +250,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
-    net = load_model(cfg, model_path, device, guidance_type, guidance_rate)
+    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
     kind = predictor_kind(sampler_stu, plugin)
     settings = dict(predictor=kind, dataset_name=cfg['dataset_name'], sampler_stu=sampler_stu, sampler_tea=sampler_tea,
                     num_steps=num_steps, M=M, num_points=num_points if kind == 'epd' else 1, afs=afs,
@@ -265,6 +266,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     if getattr(net, 'prompt_keys', None):
         from models.prompts import load_prompt_source
         prompts = load_prompt_source(prompt_file=prompt_path, dataset_name=cfg['dataset_name'])
+    elif prompt_path is not None:
+        raise UsageError(f"--prompt_path given, but {cfg['dataset_name']} is not a text-to-image model; drop it")
     if kind == 'amed':
         # The bottleneck's size, from one call on a real (drawn) input.
         with torch.no_grad():
@@ -284,7 +287,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-afs' if afs else '') + (f'-{desc}' if desc else '')
     options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
-                   seed=seed, world_size=world, model_path=model_path, prompt_path=prompt_path,
+                   seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path,
+                   prompt_path=prompt_path,
                    dataset_config=dataset_name, plugin=plugin)
     if dry_run:
         dist.print0(json.dumps(dict(options, run_dir=os.path.join(outdir, 'NNNNN-' + name)), indent=2))

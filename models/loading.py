@@ -1,15 +1,25 @@
 """The model of a dataset config, as the scripts (sample.py, train.py, the benches) load it."""
+import inspect
+
 import models
 
 
-def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None):
-    """The denoiser of config `cfg`'s model section, with --model_path and the guidance options overriding it;
-    on `device`, in eval mode, frozen. A python: model path replaces the whole section."""
+def load_model(cfg, model_path, device, guidance_type=None, guidance_rate=None, classifier_path=None):
+    """The denoiser of config `cfg`'s model section, with --model_path, --classifier_path and the guidance options
+    overriding it; on `device`, in eval mode, frozen. A python: model path replaces the whole section."""
     kwargs = dict(cfg['model'])
     if model_path is not None:
         kwargs['model_path'] = model_path
         if str(model_path).startswith('python:'):
             kwargs = {'model_path': model_path}
+    if classifier_path is not None:
+        family = kwargs.get('family')
+        takes = (family in models.FAMILIES and 'classifier_path' in
+                 inspect.signature(models.import_callable(models.FAMILIES[family])).parameters)
+        if not takes:
+            raise models.ModelError(f"--classifier_path given, but {'family ' + family if family else 'this'} models "
+                                    "take no separate classifier (family adm does); drop --classifier_path")
+        kwargs['classifier_path'] = classifier_path
     if guidance_type is not None:
         kwargs['guidance_type'] = guidance_type
     if guidance_rate is not None:

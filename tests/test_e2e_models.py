@@ -27,8 +27,8 @@ def build(kind, folder):
     if kind == 'adm-cg':
         torch.save(_adm_unet().state_dict(), folder / 'unet.pt')
         torch.save(_adm_classifier().state_dict(), folder / 'classifier.pt')
-        return write_config(folder, dict(family='adm', model_path=str(folder / 'unet.pt'),
-                                         classifier_path=str(folder / 'classifier.pt'), guidance_type='cg',
+        # the classifier comes from --classifier_path (the seeds' option), not the config
+        return write_config(folder, dict(family='adm', model_path=str(folder / 'unet.pt'), guidance_type='cg',
                                          guidance_rate=2.0, **ADM_ARCH, **CLASSIFIER_ARCH))
     if kind == 'sd':
         build_tiny_sd(str(folder / 'sd'))
@@ -56,13 +56,16 @@ def build(kind, folder):
 def test_sample_and_train_on_tiny_model(tmp_path, kind):
     config = build(kind, tmp_path)
     prompt = ['--prompt=a red square'] if kind == 'sd' else []
+    if kind == 'adm-cg':
+        prompt = [f'--classifier_path={tmp_path / "classifier.pt"}']
     result = run_cli(['sample.py', f'--dataset_name={config}', '--sampler_stu=dpmpp', '--num_steps=4',
                       '--seeds=0-2', '--batch=2', f'--outdir={tmp_path / "samples"}', *prompt])
     assert 'NFE per image: 3' in result.stdout
     assert (tmp_path / 'samples' / '000000' / '000002.png').is_file()
     if kind == 'sd':
         (tmp_path / 'prompts.txt').write_text('a red square\na blue circle\n')
-        prompt = [f'--prompt_path={tmp_path / "prompts.txt"}']
+        prompt = [f'--prompt_file={tmp_path / "prompts.txt"}']     # sample.py's name, accepted by train.py
+    learned_prompt = [f'--prompt_path={tmp_path / "prompts.txt"}'] if kind == 'sd' else prompt  # and vice versa
     for student in ('epd', 'amed'):
         run_cli(['train.py', f'--dataset_name={config}', f'--sampler_stu={student}', '--sampler_tea=euler',
                  '--num_steps=3', '--M=1', '--batch=2', '--total_kimg=0.004', '--loss=l2',
@@ -70,7 +73,7 @@ def test_sample_and_train_on_tiny_model(tmp_path, kind):
     folders = sorted((tmp_path / 'exps').glob('0000*'))
     assert [json.loads((f / 'predictor.json').read_text())['sampler_stu'] for f in folders] == ['epd', 'amed']
     result = run_cli(['sample.py', f'--dataset_name={config}', f'--predictor_path={folders[1]}', '--seeds=0-1',
-                      '--batch=2', f'--outdir={tmp_path / "learned"}', *(['--prompt=a cat'] if kind == 'sd' else [])])
+                      '--batch=2', f'--outdir={tmp_path / "learned"}', *learned_prompt])
     assert (tmp_path / 'learned' / '000000' / '000001.png').is_file()
 
 

@@ -171,3 +171,41 @@ def test_sample_refuses_solver_options_that_contradict_the_predictor(tmp_path):
     assert not (tmp_path / 'o').exists()
     result = run_cli(base + ['--num_steps=4', '--schedule_type=polynomial'])
     assert 'images: 2 new' in result.stdout
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('sample.py', ['--classifier_path=c.pt'], '--classifier_path given, but family analytic models take no separate'),
+    ('train.py', ['--classifier_path=c.pt'], '--classifier_path given, but family analytic models take no separate'),
+    ('sample.py', ['--prompt_path=p.txt'], '--prompt/--prompt_file given, but gmm_image is not a text-to-image'),
+    ('train.py', ['--prompt_file=p.txt'], '--prompt_path given, but gmm_image is not a text-to-image model'),
+])
+def test_the_seeds_option_names_are_accepted_and_checked_in_both_scripts(tmp_path, script, args, message):
+    """classifier_path and prompt_path/prompt_file are options of both scripts; where they cannot apply they are
+    refused, not ignored (the e2e tests use them where they do apply)."""
+    extra = ['--seeds=0-1', '--sampler_stu=euler', '--num_steps=3'] if script == 'sample.py' else \
+        ['--loss=l2', '--total_kimg=0.004', '--batch=4', f'--outdir={tmp_path / "o"}']
+    last = _last_error(run_cli([script, '--dataset_name=gmm_image', *extra, *args], check=False), script)
+    assert message in last, last
+
+
+def test_cpu_thread_default(monkeypatch):
+    from torch_utils import distributed
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    assert distributed.default_cpu_threads() == 1
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert distributed.default_cpu_threads() == 3
+    monkeypatch.setenv('OMP_NUM_THREADS', 'many')      # unreadable: the default, not a crash
+    assert distributed.default_cpu_threads() == 1
+
+
+def test_launch_checks_its_variables_before_setting_up(tmp_path):
+    """`bash launch.sh evaluate` without IMAGES says so at once: no environment is created, no torch imported."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ('IMAGES', 'REF', 'PREDICTOR')}
+    env['VENV'] = str(tmp_path / 'venv')
+    for target, variable in (('evaluate', 'IMAGES'), ('rl', 'PREDICTOR')):
+        proc = subprocess.run(['bash', os.path.join(root, 'launch.sh'), target], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert proc.returncode != 0 and f'set {variable}=' in proc.stderr, proc.stderr
+        assert not (tmp_path / 'venv').exists()

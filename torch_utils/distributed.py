@@ -13,9 +13,22 @@ import torch.distributed as dist
 _backend = None
 
 
+def default_cpu_threads():
+    """Intra-op threads for a CPU process: OMP_NUM_THREADS when set, else one per process (torchrun's default).
+
+    The analytic models' and small networks' ops are too small to gain from intra-op parallelism, while idle
+    threads spin-waiting for a core on a shared machine made `python train.py` 10x slower than with one thread
+    (docs/sampling.md, "CPU threads"). Set OMP_NUM_THREADS=<n> for large networks on an otherwise idle machine."""
+    value = os.environ.get('OMP_NUM_THREADS', '').strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def init(backend=None):
-    """Join the torchrun process group if launched by torchrun; otherwise do nothing. Idempotent."""
+    """Join the torchrun process group if launched by torchrun; otherwise do nothing. Idempotent.
+    A process that computes on the CPU gets `default_cpu_threads()` intra-op threads."""
     global _backend
+    if not torch.cuda.is_available():
+        torch.set_num_threads(default_cpu_threads())
     if dist.is_available() and dist.is_initialized():
         return
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
