@@ -30,7 +30,8 @@ import solvers                                   # noqa: E402
 from torch_utils import misc                     # noqa: E402
 
 COMMAND = 'python bench/bench_sample.py --out=docs/sampling.md'
-LAUNCHES = [(1, None), (1, 1), (2, None)]     # (workers, OMP_NUM_THREADS of a single process; None: torch's default)
+LAUNCHES = [(1, os.cpu_count() or 1), (1, None), (2, None)]   # (workers, OMP_NUM_THREADS of a single process;
+#                                                              None: the default, one thread)
 
 
 def sample_cli(workers, seeds, batch, solver, num_steps, dtype, outdir, threads=None):
@@ -204,9 +205,9 @@ def write_report(path, run, throughput, shares, load_before, load_after):
              'processes or the loading of the model). 2 workers: `python -m torch.distributed.run --standalone '
              f"--nproc_per_node=2 sample.py ...` (gloo); each worker takes half of every batch of {run['batch']}. "
              'torchrun gives '
-             'each worker one intra-op thread; a single process uses torch\'s default (all cores) unless '
-             'OMP_NUM_THREADS=1 is set.', '',
-             '| dtype | 1 worker | 1 worker, 1 thread | 2 workers (1 thread each) | 2 workers vs 1 | process wall, '
+             'each worker one intra-op thread, and a single process gets one too unless OMP_NUM_THREADS says '
+             'otherwise (docs/threads.md); the first column sets it to every core.', '',
+             '| dtype | 1 worker, all cores | 1 worker, 1 thread (default) | 2 workers (1 thread each) | 2 workers vs 1 | process wall, '
              'left to right |', '| --- | ---: | ---: | ---: | ---: | ---: |']
     for dtype in shares:
         one, single, two = (throughput[dtype, w, t] for w, t in LAUNCHES)
@@ -216,7 +217,7 @@ def write_report(path, run, throughput, shares, load_before, load_after):
     first = next(iter(shares))
     one, single, two = (throughput[first, w, t][0] for w, t in LAUNCHES)
     lines += ['', f'{first}: two single-thread workers give {two / single:.2f}x the throughput of one single-thread '
-              f'process; a single process with torch\'s default threads reaches only {one / single:.2f}x of the '
+              f'process; a single process with every core reaches {one / single:.2f}x of the '
               'single-thread one' + (', as its threads wait for each other on cores taken by other processes.'
                                      if one < single else '.')]
     lines += ['', '## Time outside the denoiser (batch {})'.format(run['batch']), '',
