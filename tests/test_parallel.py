@@ -29,13 +29,13 @@ def _rmse(x, ref):
 @pytest.mark.parametrize('solver, extra', [
     ('euler', {}), ('ddim', dict(eta=1.0)), ('heun', {}), ('dpmpp', {}), ('dpmpp', dict(afs=True)), ('unipc', {}),
     ('ipndm', {}), ('deis', {}), ('euler', dict(denoise_to_zero=True))])
-@pytest.mark.parametrize('method', ['picard', 'taa'])
-def test_tol_zero_reaches_the_sequential_output_to_float_precision(setup, solver, extra, method):
+@pytest.mark.parametrize('method, stop', [('picard', 'residual'), ('taa', 'residual'), ('taa', 'final')])
+def test_tol_zero_reaches_the_sequential_output_to_float_precision(setup, solver, extra, method, stop):
     net, latents = setup
     noise = ImageNoise([0, 1, 2]) if extra.get('eta') else None
     ref = solvers.sample(net, latents, solver=solver, num_steps=9, noise=noise, **extra)
-    x, stats = parallel_sample(net, latents, solver=solver, num_steps=9, method=method, tol=0.0, noise=noise,
-                               **extra)
+    x, stats = parallel_sample(net, latents, solver=solver, num_steps=9, method=method, tol=0.0, final_tol=0.0,
+                               stop=stop, noise=noise, **extra)
     torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
     # Triangular: M iterations (the sequential solver's evaluations) make it exact, and no more are run.
     assert stats['iterations'] <= solver_scheme(net, solver=solver, num_steps=9, **extra).num_evals
@@ -57,7 +57,8 @@ def test_ddim_eta_zero_is_euler_and_eta_one_uses_each_images_noise(setup):
 def test_a_tolerance_stops_early_near_the_sequential_output(setup, method):
     net, latents = setup
     ref = solvers.sample(net, latents, solver='euler', num_steps=26)
-    x, stats = parallel_sample(net, latents, solver='euler', num_steps=26, method=method, tol=1e-4)
+    x, stats = parallel_sample(net, latents, solver='euler', num_steps=26, method=method, tol=1e-4,
+                               stop='residual')
     assert int(stats['rounds'].max()) < 20 and stats['iterations'] == int(stats['rounds'].max())
     assert float(_rmse(x, ref).max()) < 1e-3
     assert bool(stats['converged'].all()) and bool(torch.isfinite(stats['residual']).all())
@@ -83,7 +84,7 @@ def test_an_epd_predictor_runs_in_parallel_and_amed_is_refused(setup):
         for p in pred.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
         ref = pred.sample(net, latents)
-    x, stats = parallel_sample(net, latents, predictor=pred, method='taa', tol=0.0)
+    x, stats = parallel_sample(net, latents, predictor=pred, method='taa', final_tol=0.0)
     torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
     assert stats['sequential_rounds'] == 10        # 2 rounds per step: the first slope, then the K points
     amed = AMEDPredictor(epd_settings(sampler_stu='amed', sample_shape=list(net.sample_shape), feature_dim=64))
@@ -95,8 +96,9 @@ def test_warm_start_from_the_converged_trajectory_resolves_only_the_last_steps(s
     net, latents = setup
     ref = solvers.sample(net, latents, solver='euler', num_steps=26)
     scheme = solver_scheme(net, solver='euler', num_steps=26)
-    _, cold = solve_parallel(net, scheme, latents, tol=0.0)
-    x, warm = solve_parallel(net, scheme, latents, tol=0.0, init_trajectory=cold['trajectory'], variation_steps=5)
+    _, cold = solve_parallel(net, scheme, latents, final_tol=0.0)
+    x, warm = solve_parallel(net, scheme, latents, final_tol=0.0, init_trajectory=cold['trajectory'],
+                             variation_steps=5)
     torch.testing.assert_close(x, ref, atol=1e-10, rtol=0)
     assert warm['iterations'] <= 5 < cold['iterations']
     with pytest.raises(ValueError, match='another solver or grid'):
@@ -120,7 +122,8 @@ def test_split_evaluation_gives_the_single_call_result(setup):
 
 @pytest.mark.parametrize('options, message', [
     (dict(window_size=40), 'window_size=40'), (dict(memory_size=0), 'memory_size=0'),
-    (dict(method='nope'), 'unknown parallel method'), (dict(stop='final'), 'final_tol'),
+    (dict(method='nope'), 'unknown parallel method'), (dict(stop='final', final_tol=None), 'final_tol'),
+    (dict(guard=0.0), 'guard=0.0'),
     (dict(solver='euler', eta=1.0), "is for solver 'ddim'")])
 def test_bad_options_are_one_clear_error(setup, options, message):
     net, latents = setup
