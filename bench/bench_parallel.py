@@ -16,6 +16,7 @@ alpha = alphas_cumprod[0]), the grid on which the reference ParaTAA was measured
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -128,11 +129,13 @@ def section_ddim(net, seeds, steps_list, memories, log):
     for steps in steps_list:
         case = ddim_case(net, seeds, steps)
         lines += ['', f'### DDIM, {steps} steps', ''] + TABLE_HEAD
-        settings = [('Picard (ParaDiGMS), tol 1e-3', dict(method='picard', tol=1e-3)),
-                    ('reference ParaTAA settings: order 20, memory 2, tol 1e-3',
-                     dict(method='taa', order=min(20, steps), memory_size=2, tol=1e-3))]
-        settings += [(f'TAA memory {m}, tol 1e-3', dict(method='taa', memory_size=m, tol=1e-3)) for m in memories]
-        settings += [('**defaults** (taa)', dict(method='taa'))]
+        settings = [('Picard (ParaDiGMS), residual tol 1e-3', dict(method='picard', stop='residual', tol=1e-3)),
+                    ('Picard, final rule', dict(method='picard')),
+                    ('reference ParaTAA settings: order 20, memory 2, residual tol 1e-3, no guard',
+                     dict(method='taa', order=min(20, steps), memory_size=2, stop='residual', tol=1e-3, guard=None))]
+        settings += [(f'TAA memory {m}, final rule, guard', dict(method='taa', memory_size=m)) for m in memories]
+        settings += [('TAA memory 2, final rule, no guard', dict(method='taa', guard=None)),
+                     ('**defaults** (taa: memory 2, final rule, guard)', dict(method='taa'))]
         for label, opts in settings:
             r = case.run(iterates=steps == max(steps_list), **opts)
             lines.append(summary_row(label, r, steps))
@@ -144,14 +147,14 @@ def section_ddim(net, seeds, steps_list, memories, log):
 
 def section_order_window(net, seeds, steps, orders, windows, log):
     case = ddim_case(net, seeds, steps)
-    lines = ['', f'### Order and window, DDIM {steps} steps (tol 1e-3, residual rule)', ''] + TABLE_HEAD
+    lines = ['', f'### Order and window, DDIM {steps} steps (final rule, guard)', ''] + TABLE_HEAD
     for m in (1, 2):
         for k in orders:
-            r = case.run(method='taa', memory_size=m, order=k, tol=1e-3)
+            r = case.run(method='taa', memory_size=m, order=k)
             lines.append(summary_row(f'TAA memory {m}, order {k}', r, steps))
             log(lines[-1])
     for w in windows:
-        for label, opts in (('Picard', dict(method='picard', tol=1e-3)), ('TAA defaults', dict(method='taa'))):
+        for label, opts in (('Picard, final rule', dict(method='picard')), ('TAA defaults', dict(method='taa'))):
             r = case.run(window_size=w, **opts)
             lines.append(summary_row(f'{label}, window {w}', r, steps))
             log(lines[-1])
@@ -165,9 +168,10 @@ def section_stop_rules(net, seeds, steps, log):
     for method, m in (('picard', 1), ('taa', 2), ('taa', 3)):
         name = 'Picard' if method == 'picard' else f'TAA memory {m}'
         for tol in (1e-3, 1e-4):
-            rules.append((f'{name}, residual tol {tol:g}', dict(method=method, memory_size=m, tol=tol)))
-        for ft in (2e-3, 2e-4):
-            rules.append((f'{name}, final_tol {ft:g}', dict(method=method, memory_size=m, tol=0.0, stop='final',
+            rules.append((f'{name}, residual tol {tol:g}', dict(method=method, memory_size=m, tol=tol,
+                                                                stop='residual')))
+        for ft in (2e-2, 5e-3, 5e-4):
+            rules.append((f'{name}, final_tol {ft:g}', dict(method=method, memory_size=m, stop='final',
                                                            final_tol=ft)))
     for label, opts in rules:
         r = case.run(**opts)
@@ -190,8 +194,10 @@ def section_digits(seeds, steps_list, log):
     lines = ['', '### gmm_digits, classifier-free guidance 4.0 (class = seed mod 10), DDIM', ''] + TABLE_HEAD
     for steps in steps_list:
         case = ddim_case(net, seeds, steps, cond=cond)
-        for label, opts in (('Picard, tol 1e-3', dict(method='picard', tol=1e-3)),
-                            ('reference settings', dict(method='taa', order=min(20, steps), memory_size=2, tol=1e-3)),
+        for label, opts in (('Picard, residual tol 1e-3', dict(method='picard', stop='residual', tol=1e-3)),
+                            ('Picard, final rule', dict(method='picard')),
+                            ('reference settings', dict(method='taa', order=min(20, steps), memory_size=2,
+                                                        stop='residual', tol=1e-3, guard=None)),
                             ('**defaults**', dict(method='taa'))):
             r = case.run(**opts)
             lines.append(summary_row(f'DDIM {steps}: {label}', r, steps))
@@ -199,13 +205,17 @@ def section_digits(seeds, steps_list, log):
     return lines
 
 
+OTHER_SOLVER_ROWS = (
+    ('Picard, residual tol 1e-3', dict(method='picard', stop='residual', tol=1e-3)),
+    ('Picard, final rule', dict(method='picard')),
+    ('TAA memory 2, residual tol 1e-3, no guard', dict(method='taa', stop='residual', tol=1e-3, guard=None)),
+    ('**defaults**', dict(method='taa')))
+
+
 def section_dpmpp(net, seeds, steps, log):
     case = Case(net, seeds, solver='dpmpp', num_steps=steps + 1)
     lines = ['', f'### DPM-Solver++ (3M, the default variant), {steps} steps, polynomial rho 7 grid', ''] + TABLE_HEAD
-    for label, opts in (('Picard, tol 1e-3', dict(method='picard', tol=1e-3)),
-                        ('TAA memory 2, tol 1e-3', dict(method='taa', memory_size=2, tol=1e-3)),
-                        ('TAA memory 3, tol 1e-3', dict(method='taa', memory_size=3, tol=1e-3)),
-                        ('**defaults**', dict(method='taa'))):
+    for label, opts in OTHER_SOLVER_ROWS + (('TAA memory 3, final rule, guard', dict(method='taa', memory_size=3)),):
         r = case.run(**opts)
         lines.append(summary_row(label, r, case.scheme.rounds))
         log(lines[-1])
@@ -229,8 +239,8 @@ def train_epd(net, num_steps, iterations, log, batch=8):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = float(loss) if first is None else first
-        last = float(loss)
+        first = loss.item() if first is None else first
+        last = loss.item()
     log(f'EPD: distillation loss (final-state RMSE to the teacher) {first:.2e} -> {last:.2e} in {iterations} steps')
     return pred, first, last
 
@@ -243,9 +253,7 @@ def section_epd(net, seeds, num_steps, iterations, log):
              f'final-state RMSE to the teacher {first:.2e} -> {last:.2e}). Its sequential run takes '
              f'{case.scheme.rounds} rounds ({case.scheme.num_evals} evaluations); the parallel solve treats the '
              'parallel points and the first slope of each step as further unknowns.', ''] + TABLE_HEAD
-    for label, opts in (('Picard, tol 1e-3', dict(method='picard', tol=1e-3)),
-                        ('TAA memory 2, tol 1e-3', dict(method='taa', memory_size=2, tol=1e-3)),
-                        ('**defaults**', dict(method='taa'))):
+    for label, opts in OTHER_SOLVER_ROWS:
         r = case.run(**opts)
         lines.append(summary_row(label, r, case.scheme.rounds))
         log(lines[-1])
@@ -314,7 +322,7 @@ def rounds_by_steps(lines):
             steps = int(line.split(',')[1].split()[0])
         elif line.startswith('| ') and steps and ('Picard (' in line or 'defaults' in line or 'reference' in line):
             cells = [c.strip() for c in line.strip('|').split('|')]
-            label = cells[0].replace('**', '').split(',')[0].split(':')[0]
+            label = re.split(r'[(,:]', cells[0].replace('**', ''))[0].strip()
             out.setdefault(label, {})[steps] = (float(cells[1]), float(cells[2]))
     return out
 
@@ -322,7 +330,8 @@ def rounds_by_steps(lines):
 def wall_clock(num_samples, steps, log):
     """sample.py sequential, parallel with 1 worker and with 2 torchrun workers (gloo) on this machine."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    base = [f'--timesteps={steps}', '--solver=ddim', f'--num_samples={num_samples}', f'--batch={num_samples}']
+    base = [f'--timesteps={steps}', '--solver=ddim', f'--num_samples={num_samples}', f'--batch={num_samples}',
+            '--subdirs=False']
     runs = [('sequential', [sys.executable, 'sample.py'], []),
             ('taa, 1 worker', [sys.executable, 'sample.py'], ['--parallel=taa']),
             ('taa, 2 torchrun workers', [sys.executable, '-m', 'torch.distributed.run', '--standalone',

@@ -81,8 +81,10 @@ class _Tracer:
     """Stands in for the denoiser while tracing: records each row's input coefficients and sigma, and answers
     with a fresh unit coefficient (D_m's column). Every other attribute is the real denoiser's."""
 
-    def __init__(self, net, width, offset):
-        self._net, self._width, self._offset = net, width, offset
+    forward_ad = False      # a solver that differentiates the denoiser takes its finite-difference path (refused)
+
+    def __init__(self, net, width, offset, scale=1.0):
+        self._net, self._width, self._offset, self._scale = net, width, offset, scale
         self.inputs, self.times, self.calls = [], [], 0
 
     def __getattr__(self, name):
@@ -101,18 +103,18 @@ class _Tracer:
             self.inputs.append(x[row].reshape(-1).clone())
             self.times.append(float(sigma[row]))
             if self._width:
-                out[row].view(-1)[self._offset + m] = 1
+                out[row].view(-1)[self._offset + m] = self._scale
         return out
 
 
 class _NoiseTracer:
-    def __init__(self, width, offset):
-        self.width, self.offset, self.keys = width, offset, []
+    def __init__(self, width, offset, scale=1.0):
+        self.width, self.offset, self.scale, self.keys = width, offset, scale, []
 
     def __call__(self, key, like):
         out = torch.zeros_like(like)
         if self.width:
-            out.view(like.shape[0], -1)[:, self.offset + len(self.keys)] = 1
+            out.view(like.shape[0], -1)[:, self.offset + len(self.keys)] = self.scale
         self.keys.append(key)
         return out
 
@@ -122,11 +124,11 @@ def trace_scheme(run, net, out_level):
 
     run must draw every random number through `noise(key, like)` (None when it draws none). out_level: the noise
     level of the output (the grid's last sigma, 0 after a final denoising)."""
-    def trace(width, m_off, q_off):
-        tracer, noise = _Tracer(net, width, m_off), _NoiseTracer(width, q_off)
+    def trace(width, m_off, q_off, scale=1.0):
+        tracer, noise = _Tracer(net, width, m_off, scale), _NoiseTracer(width, q_off, scale)
         z = torch.zeros(1, max(width, 1), dtype=torch.float64)
         if width:
-            z[0, 0] = 1
+            z[0, 0] = scale
         with torch.no_grad():
             out = run(tracer, z, noise)
         return tracer, noise, out
@@ -136,6 +138,17 @@ def trace_scheme(run, net, out_level):
     if len(tracer.times) != M or len(noise.keys) != Q:
         raise ValueError("the solver's evaluations changed between two traces; it has no fixed step form")
     rows = torch.stack(tracer.inputs + [out.reshape(-1)]).to(torch.float64)        # [M + 1, 1 + M + Q]
+    # Affine with grid-only coefficients: scaling every input by 2 scales every row by 2 (exactly, in binary
+    # floating point). A solver that differentiates the denoiser (finite differences scaled by the state) or picks
+    # its steps from the state fails this.
+    tracer2, noise2, out2 = trace(1 + M + Q, 1, 1 + M, scale=2.0)
+    rows2 = (torch.stack(tracer2.inputs + [out2.reshape(-1)]).to(torch.float64)
+             if len(tracer2.times) == M and len(noise2.keys) == Q else None)
+    if rows2 is None or not torch.allclose(rows2, 2 * rows, rtol=1e-9, atol=1e-12 * float(rows.abs().max())):
+        raise ValueError("this solver is not affine in the denoiser outputs (it differentiates the denoiser, e.g. "
+                         "sed2, or chooses its steps from the state, e.g. AMED), so it has no parallel step form; "
+                         "use euler, ddim, dpmpp, unipc, ipndm, deis, heun, dpm, edm_sde, euler_maruyama, sed_ref or "
+                         "an EPD predictor")
     coef_d = rows[:, 1:1 + M]
     if M and bool((torch.triu(coef_d[:M], 0) != 0).any()):
         raise ValueError("an evaluation depends on its own or a later denoiser output; the solver is not explicit")

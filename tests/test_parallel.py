@@ -159,3 +159,46 @@ def test_sample_py_refuses_bad_parallel_input_in_one_line(tmp_path, args, messag
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / 'x' / '000000')
+
+
+def test_a_solver_that_differentiates_the_denoiser_has_no_step_form(setup):
+    # sed2 uses the denoiser's directional derivative: not affine in the denoiser outputs, refused (it used to be
+    # traced as if it were, and converged to another output).
+    net, latents = setup
+    with pytest.raises(ValueError, match='not affine'):
+        parallel_sample(net, latents, solver='sed2', num_steps=6, noise=ImageNoise([0, 1, 2]))
+
+
+def _sample_py(args):
+    return subprocess.run([sys.executable, 'sample.py'] + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True)
+
+
+def test_sample_py_refuses_parallel_with_a_solver_without_step_form(tmp_path):
+    proc = _sample_py(['--solver=sed2', '--parallel=taa', '--timesteps=4', '--num_samples=1',
+                       f'--outdir={tmp_path}/x'])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and 'not affine' in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_sample_py_refuses_a_warm_start_trajectory_of_another_grid_or_model(tmp_path):
+    common = ['--solver=euler', '--parallel=taa', '--num_samples=1', '--subdirs=False']
+    proc = _sample_py(common + ['--timesteps=4', '--save_trajectory=True', f'--outdir={tmp_path}/a'])
+    assert proc.returncode == 0, proc.stderr
+    init = f'--init_trajectory={tmp_path}/a/trajectories'
+    for extra in (['--timesteps=5'],                                                   # another grid
+                  ['--timesteps=4', '--model_path=python:tests.helpers_models:small_mixture']):   # another model
+        proc = _sample_py(common + extra + [init, f'--outdir={tmp_path}/b{len(extra)}'])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and 'another model or grid' in lines[0], proc.stderr
+
+
+def test_sample_py_takes_the_seed_scripts_option_names(tmp_path):
+    import json
+    proc = _sample_py(['--dataset_name=gmm_digits', '--guidance_type=cfg', '--cfg_scale=2.5', '--timesteps=3',
+                       '--num_samples=2', f'--output_path={tmp_path}/out', '--subdirs=False'])
+    assert proc.returncode == 0, proc.stderr
+    options = json.load(open(tmp_path / 'out' / 'sample_options.json'))
+    assert options['images']['guidance_rate'] == 2.5 and options['settings']['num_steps'] == 4
+    assert options['seeds'] == '0-1' and sorted(os.listdir(tmp_path / 'out'))[:2] == ['000000.png', '000001.png']
