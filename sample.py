@@ -392,6 +392,10 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     if parallel is None and (save_iterates or save_trajectory or init_trajectory or variation_steps is not None):
         raise UsageError("--save_iterates/--save_trajectory/--init_trajectory/--variation_steps need --parallel=taa "
                          "or --parallel=picard")
+    given = [f'--{k}' for k, v in dict(window_size=window_size, order=order, memory_size=memory_size,
+                                       max_steps=max_steps, tol=tol).items() if v is not None]
+    if parallel is None and given:
+        raise UsageError(f"{'/'.join(given)} apply to parallel solving only; add --parallel=taa or --parallel=picard")
     seed_list = parse_int_list(seeds)
     if not seed_list:
         raise UsageError(f"--seeds={seeds!r} selects no seed")

@@ -151,7 +151,7 @@ def test_torchrun_two_workers_write_the_images_of_one_worker(tmp_path):
     (['--parallel=taa', '--timesteps=10', '--window_size=11'], 'window_size=11'),
     (['--parallel=taa', '--memory_size=0'], 'memory_size=0'),
     (['--solver=euler', '--eta=1'], 'for --solver=ddim'),
-    (['--save_iterates=True'], 'need --parallel')])
+    (['--save_iterates=True'], 'need --parallel'), (['--window_size=4'], 'parallel solving only')])
 def test_sample_py_refuses_bad_parallel_input_in_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, 'sample.py', '--num_samples=1', f'--outdir={tmp_path}/x'] + args,
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True)
