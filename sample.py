@@ -348,11 +348,11 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--parallel', metavar='taa|picard', type=click.Choice(par.PARALLEL_METHODS), default=None, help='Parallel-in-time solving (ParaTAA, Picard/ParaDiGMS) [default: sequential]')
 @click.option('--window_size', metavar='INT', type=int, default=None, help='Parallel: unknowns updated per iteration [default: all]')
 @click.option('--order', metavar='INT', type=int, default=None, help='Parallel: equations reach this many evaluations back [default: the window]')
-@click.option('--memory_size', metavar='INT', type=int, default=None, help='Parallel: Anderson history (1 = none) [default: 3 for taa]')
+@click.option('--memory_size', metavar='INT', type=int, default=None, help='Parallel: Anderson history (1 = none) [default: 2 for taa]')
 @click.option('--max_steps', metavar='INT', type=int, default=None, help='Parallel: cap on the iterations [default: the sequential evaluations]')
-@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel: per-step residual tolerance (RMS, VP units) [default: 1e-4; with --stop=final, 0]')
-@click.option('--stop', metavar='residual|final', type=click.Choice(par.STOP_RULES), default='residual', help='Parallel stopping rule')
-@click.option('--final_tol', metavar='FLOAT', type=float, default=1e-2, help='Parallel, --stop=final: RMS change of the output to stop at')
+@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel, --stop=residual: per-step residual tolerance (RMS, VP units) [default: 1e-4]')
+@click.option('--stop', metavar='final|residual', type=click.Choice(par.STOP_RULES), default='final', help='Parallel stopping rule: final = error estimate of the output, residual = per-step (the references\')')
+@click.option('--final_tol', metavar='FLOAT', type=float, default=par.FINAL_TOL, help='Parallel, --stop=final: bound on the output\'s RMS error estimate (VP units)')
 @click.option('--save_iterates', metavar='BOOL', type=bool, default=False, help='Parallel: save each iteration\'s output estimate (iterates/SEED/K.png)')
 @click.option('--save_trajectory', metavar='BOOL', type=bool, default=False, help='Parallel: save the converged trajectory per seed (trajectories/SEED.npz)')
 @click.option('--init_trajectory', metavar='DIR', default=None, help='Parallel: start from the trajectories in DIR (warm start)')
@@ -381,7 +381,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
         dtype, device, timesteps=None, num_samples=None, eta=None, parallel=None, window_size=None, order=None,
-        memory_size=None, max_steps=None, tol=None, stop='residual', final_tol=1e-2, save_iterates=False,
+        memory_size=None, max_steps=None, tol=None, stop='final', final_tol=par.FINAL_TOL, save_iterates=False,
         save_trajectory=False, init_trajectory=None, variation_steps=None, classifier_path=None):
     if num_samples is not None:
         seeds = f'0-{num_samples - 1}'
@@ -393,6 +393,10 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     if parallel is None and (save_iterates or save_trajectory or init_trajectory or variation_steps is not None):
         raise UsageError("--save_iterates/--save_trajectory/--init_trajectory/--variation_steps need --parallel=taa "
                          "or --parallel=picard")
+    given = [f'--{k}' for k, v in dict(window_size=window_size, order=order, memory_size=memory_size,
+                                       max_steps=max_steps, tol=tol).items() if v is not None]
+    if parallel is None and given:
+        raise UsageError(f"{'/'.join(given)} apply to parallel solving only; add --parallel=taa or --parallel=picard")
     seed_list = parse_int_list(seeds)
     if not seed_list:
         raise UsageError(f"--seeds={seeds!r} selects no seed")
@@ -467,7 +471,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         if tol is None:
             tol = 0.0 if stop == 'final' else 1e-4
         if memory_size is None:
-            memory_size = 3 if parallel == 'taa' else 1
+            memory_size = 2 if parallel == 'taa' else 1
         parallel_opts = dict(method=parallel, window_size=window_size, order=order, memory_size=memory_size,
                              max_steps=max_steps, tol=tol, stop=stop, final_tol=final_tol,
                              variation_steps=variation_steps)
