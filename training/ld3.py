@@ -48,9 +48,9 @@ STATE_FILE = 'ld3-state.pt'
 # Reference names of the teacher grid (--skip_type) -> (schedule_type, schedule_rho); our names work as well.
 SKIP_TYPES = {'edm': ('polynomial', 7.0), 'logSNR': ('logsnr', 1.0), 'time_uniform': ('time_uniform', 1.0),
               'time_quadratic': ('time_uniform', 2.0)}
-DEFAULTS = dict(solver=None, num_train=50, num_valid=50, main_train_batch_size=2, main_valid_batch_size=50,
+DEFAULTS = dict(solver=None, num_train=50, num_valid=50, main_train_batch_size=10, main_valid_batch_size=50,
                 training_rounds_v1=2, training_rounds_v2=5, loss_type='RMSE', prior_bound=None, win_rate=0.5,
-                lr_time_1=5e-3, lr_time_2=0.1, momentum_time_1=0.9, lr_time_decay=0.8, min_lr_time_1=5e-5,
+                lr_time_1=0.05, lr_time_2=0.1, momentum_time_1=0.9, lr_time_decay=0.8, min_lr_time_1=5e-5,
                 min_lr_time_2=1e-6, patient=5, lr2_patient=5, shift_lr=None, shift_lr_decay=0.5, decoupled=True,
                 no_v1=False, relax_valid=False, init_schedule='best', teacher_steps=20, skip_type='edm', variant=None, lpips_path=None,
                 data_dir=os.path.join('exps', 'ld3_data'))
@@ -479,3 +479,131 @@ def format_grid(sigmas):
         text = repr(float(v.detach() if hasattr(v, "detach") else v))
         return text[:-2] if text.endswith('.0') else text
     return '[' + ','.join(fmt(v) for v in sigmas) + ']'
+
+
+# -- command line (train.py --sampler_stu=ld3) ------------------------------------------------------------------
+
+def cli_options(fn):
+    """LD3's options on train.py (the reference's names; our defaults where they differ, see DEFAULTS)."""
+    import click
+    specs = [
+        ('--solver', str, 'LD3: the classical ODE solver whose grid is learned'),
+        ('--num_train', int, 'LD3: training pairs [default: 50]'),
+        ('--num_valid', int, 'LD3: validation pairs [default: 50]'),
+        ('--main_train_batch_size', int, 'LD3: training batch [default: 10]'),
+        ('--main_valid_batch_size', int, 'LD3: validation batch [default: 50]'),
+        ('--training_rounds_v1', int, 'LD3: rounds training the grid only [default: 2]'),
+        ('--training_rounds_v2', int, 'LD3: rounds training the grid and the decoupled grid [default: 5]'),
+        ('--loss_type', str, 'LD3: RMSE, L2, L1 or LPIPS (needs --lpips_path) [default: RMSE]'),
+        ('--lpips_path', str, 'LD3: local safetensors weights of LPIPS(vgg)'),
+        ('--prior_bound', float, 'LD3: radius of the noise ball (0: off) [default: 0.001 C H W / N^2]'),
+        ('--win_rate', float, 'LD3: decoupled grid window, times the smallest log gap [default: 0.5]'),
+        ('--decoupled', bool, 'LD3: learn the decoupled evaluation grid [default: True]'),
+        ('--no_v1', bool, 'LD3: train the decoupled grid only [default: False]'),
+        ('--relax_valid', bool, 'LD3: also move the validation noises, as the reference [default: False]'),
+        ('--init_schedule', str, 'LD3: starting grid: best, logsnr, polynomial, time_uniform, time_quadratic '
+                                 '[default: best]'),
+        ('--lr_time_1', float, 'LD3: RMSprop rate of the grid [default: 0.05]'),
+        ('--lr_time_2', float, 'LD3: SGD rate of the decoupled grid, divided by N [default: 0.1]'),
+        ('--lr_time_decay', float, 'LD3: rate decay on patience [default: 0.8]'),
+        ('--shift_lr', float, 'LD3: step of the noise relaxation [default: 12 / N]'),
+        ('--patient', int, 'LD3: validations without improvement before restore/decay [default: 5]'),
+        ('--teacher_steps', int, 'LD3: teacher steps (with --sampler_tea; reference: --steps) [default: 20]'),
+        ('--skip_type', str, 'LD3: teacher grid: edm, logSNR, time_uniform, time_quadratic or a schedule '
+                             '[default: edm]'),
+        ('--variant', str, 'LD3: the solver\'s variant (unipc bh2|bh1, dpmpp phi3|2phi3)'),
+        ('--data_dir', str, 'LD3: where teacher pairs are kept [default: exps/ld3_data]'),
+    ]
+    for flag, kind, text in reversed(specs):
+        names = [flag] + (['--steps'] if flag == '--teacher_steps' else [])
+        fn = click.option(*names, flag[2:], metavar=kind.__name__.upper(), type=kind, default=None, help=text)(fn)
+    return fn
+
+
+def run_cli(common, given, log_prefix='train.py'):
+    """train.py --sampler_stu=ld3: teacher pairs (cached), training, the predictor folder in outdir."""
+    import configs
+    from models.loading import load_model
+    import train as train_cli
+    dist.init()
+    device = torch.device(common['device']) if common['device'] else dist.get_device()
+    resume = common['resume']
+    if resume is not None:
+        folder = train_cli.resume_folder(resume, common['outdir'])
+        with open(os.path.join(folder, train_cli.OPTIONS_FILE)) as f:
+            recorded = json.load(f)
+        common = dict(common, **recorded['common'], resume=folder, device=common['device'])
+        given = recorded['ld3']
+    opts = resolve(given)
+    cfg = configs.load_config(common['dataset_name'])
+    num_steps = common['num_steps'] or 6
+    sampler_tea = common['sampler_tea'] or TEACHER_DEFAULT
+    if sampler_tea != 'exact':
+        solvers.check_options(sampler_tea, opts['teacher_steps'] + 1)
+    dtype_name = common['dtype'] or cfg['sample'].get('dtype', 'float32')
+    dtype = torch.float64 if dtype_name == 'float64' else torch.float32
+    solvers.check_options(opts['solver'], num_steps, max_order=common['max_order'], variant=opts['variant'],
+                          sigma_min=common['sigma_min'], sigma_max=common['sigma_max'])
+    net = load_model(cfg, common['model_path'], device, common['guidance_type'], common['guidance_rate'])
+    sigma_min = common['sigma_min'] or net.sigma_min
+    sigma_max = common['sigma_max'] or net.sigma_max
+    if sigma_max > net.sigma_max * (1 + 1e-9) or sigma_min < net.sigma_min * (1 - 1e-9):
+        raise LD3Error(f"--sigma_min/--sigma_max ({sigma_min:g}, {sigma_max:g}) lie outside the model's range "
+                       f"({net.sigma_min:g}, {net.sigma_max:g})")
+    prompts = None
+    if getattr(net, 'prompt_keys', None):
+        from models.prompts import load_prompt_source
+        prompts = load_prompt_source(prompt_file=common['prompt_path'], dataset_name=cfg['dataset_name'])
+    make_loss(opts['loss_type'], opts['lpips_path'], device)        # refuse a loss we cannot build, before work
+    settings = dict(dataset_name=cfg['dataset_name'], sampler_stu='ld3', solver=opts['solver'], num_steps=num_steps,
+                    sigma_min=sigma_min, sigma_max=sigma_max, win_rate=opts['win_rate'],
+                    decoupled=opts['decoupled'], max_order=common['max_order'], variant=opts['variant'],
+                    predict_x0=common['predict_x0'], lower_order_final=common['lower_order_final'],
+                    guidance_type=common['guidance_type'], guidance_rate=common['guidance_rate'],
+                    sample_shape=list(net.sample_shape), dtype=dtype_name, sampler_tea=sampler_tea,
+                    training=None)
+    settings.pop('training')
+    settings.update({f'ld3_{k}': v for k, v in opts.items() if k not in settings and k != 'data_dir'})
+    nfe = solvers.nfe_formula(opts['solver'], num_steps)
+    name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-ld3-{opts['solver']}-{sampler_tea}-{opts['teacher_steps']}" \
+        + ('' if opts['decoupled'] else '-nodec') + (f"-{common['desc']}" if common['desc'] else '')
+    if common['dry_run']:
+        dist.print0(json.dumps(dict(settings=settings, run_dir=os.path.join(common['outdir'], 'NNNNN-' + name)),
+                               indent=2))
+        return None
+    if resume is None:
+        run_dir = dist.broadcast_object(train_cli.next_run_dir(common['outdir'], name) if dist.get_rank() == 0
+                                        else None)
+        record = dict(settings=settings, common={k: common[k] for k in (
+            'dataset_name', 'model_path', 'sampler_tea', 'num_steps', 'max_order', 'predict_x0', 'lower_order_final',
+            'sigma_min', 'sigma_max', 'guidance_type', 'guidance_rate', 'prompt_path', 'dtype', 'seed', 'outdir',
+            'desc')}, ld3={k: v for k, v in given.items() if v is not None}, world_size=dist.get_world_size())
+        if dist.get_rank() == 0:
+            atomic_write(os.path.join(run_dir, train_cli.OPTIONS_FILE), json.dumps(record, indent=2).encode())
+    else:
+        run_dir = resume
+    dist.barrier()
+    log = train_cli.Logger(os.path.join(run_dir, 'log.txt'))
+    start = time.time()
+    schedule, rho = teacher_grid(opts)
+    meta = data_settings(cfg, common['model_path'], common['guidance_type'], common['guidance_rate'], net,
+                         sampler_tea, opts, common['seed'], dtype_name)
+    z, y = teacher_data(net, meta, opts['num_train'] + opts['num_valid'], opts['data_dir'], dtype, device, prompts,
+                        log)
+    n = opts['num_train']
+    cond_for = None
+    if net.label_dim or prompts is not None:
+        cond_for = lambda ids: draw_batch(net, common['seed'], 0, ids, dtype, device, prompts)[1]
+    log(f"Training LD3 for {opts['solver']} ({num_steps} time points, NFE {nfe}; teacher {sampler_tea} "
+        f"{opts['teacher_steps']} steps, {schedule}) into {run_dir}")
+    predictor, trainer = train(net, settings, opts, ((z[:n], y[:n]), (z[n:], y[n:])), seed=common['seed'],
+                               run_dir=run_dir, cond_for=cond_for, log=log, resume=resume is not None)
+    if dist.get_rank() == 0:
+        total = opts['training_rounds_v1'] + opts['training_rounds_v2']
+        training.save_predictor(predictor, run_dir, progress=(total, total))
+        with open(os.path.join(run_dir, 'stats.jsonl'), 'w') as f:
+            f.write(''.join(json.dumps(r) + '\n' for r in trainer.history))
+    sigmas, evals = predictor.grids()
+    log(f'Done in {time.time() - start:.1f} s: grid {format_grid(sigmas)}'
+        + (f', evaluation grid {format_grid(evals)}' if evals is not None else '') + f'; predictor in {run_dir}')
+    return run_dir
