@@ -444,6 +444,10 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
     if dist.get_rank() == 0:
         dist.barrier()
+    if settings.get('t_steps') and (settings['t_steps'][0] > net.sigma_max * (1 + 1e-9)
+                                    or settings['t_steps'][-1] < net.sigma_min * (1 - 1e-9)):
+        raise UsageError(f"--t_steps runs from {settings['t_steps'][0]:g} to {settings['t_steps'][-1]:g}, outside "
+                         f"the model's sigma range {net.sigma_max:g} to {net.sigma_min:g}; give a grid inside it")
     if predictor is None:   # the sigma range again, now with the model's own ends
         solvers.check_options(**dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
                                      sigma_max=settings.get('sigma_max') or net.sigma_max))

@@ -1,6 +1,8 @@
-"""Distil a learned solver (EPD, EPD-Plugin on iPNDM, AMED, AMED-Plugin) from a teacher solver's trajectories.
+"""Distil a learned solver (EPD, EPD-Plugin on iPNDM, AMED, AMED-Plugin) from a teacher solver's trajectories, or
+learn a classical solver's time grid (LD3, training/ld3.py).
 
     torchrun --standalone --nproc_per_node=2 train.py --dataset_name=gmm_image --sampler_stu=epd --num_steps=4
+    python train.py --dataset_name=gmm_image --sampler_stu=ld3 --solver=unipc --num_steps=6
 """
 import json
 import math
@@ -18,13 +20,15 @@ import models
 import solvers
 import training
 from models.loading import load_model
+from training import ld3
 from training.distill import TEACHERS, distill_loss, draw_batch
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
 from torch_utils.plots import loss_curve
 from torch_utils.run_options import same_value
 
-STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin
+STUDENTS = ('epd', 'ipndm', 'amed', 'euler', 'dpm', 'dpmpp', 'ld3')   # ipndm: EPD-Plugin; euler/dpm/dpmpp: AMED-Plugin;
+# ld3: a learned time grid for --solver
 STATE_FILE = 'training-state.pt'
 OPTIONS_FILE = 'training_options.json'
 STATS_FILE = 'stats.jsonl'
@@ -216,12 +220,21 @@ class Logger:
 @click.option('--dtype', metavar='NAME', type=click.Choice(['float32', 'float64']), default=None, help='Training dtype [default: float32]')
 @click.option('--device', metavar='DEV', default=None, help='[default: cuda if available]')
 @click.option('-n', '--dry-run', 'dry_run', is_flag=True, help='Print the options and exit')
+@ld3.cli_options
 def main(**kwargs):
     """Distil a learned-solver predictor into exps/NNNNN-<dataset>-<steps>-<nfe>-<stu>-<tea>-<M>-<schedule>[-afs]."""
     ctx = click.get_current_context()
     explicit = {k for k in kwargs if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT,
                                                                           ParameterSource.DEFAULT_MAP, None)}
+    ld3_given = {k: kwargs.pop(k) for k in list(kwargs) if k in ld3.DEFAULTS}
     try:
+        if kwargs['sampler_stu'] == 'ld3' or kwargs['resume'] is not None and ld3_run(kwargs):
+            ld3.run_cli(kwargs, ld3_given)
+            dist.shutdown()
+            return
+        stray = sorted(k for k, v in ld3_given.items() if v is not None)
+        if stray:
+            raise UsageError(f"--{stray[0]} is an LD3 option; it applies with --sampler_stu=ld3 only")
         if kwargs['resume'] is not None:
             kwargs = resume_options(kwargs, explicit)
         run(**kwargs)
@@ -230,6 +243,12 @@ def main(**kwargs):
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
+
+
+def ld3_run(kwargs):
+    """Whether --resume names an LD3 run."""
+    with open(os.path.join(resume_folder(kwargs['resume'], kwargs['outdir']), OPTIONS_FILE)) as f:
+        return 'ld3' in json.load(f)
 
 
 def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M, num_points, afs, scale_dir,

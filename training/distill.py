@@ -17,7 +17,7 @@ import torch
 import solvers
 from solvers.exact import solve_exact
 
-TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm', 'exact')
+TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm', 'unipc', 'exact')
 
 
 def teacher_states(net, x, sigmas, cond, sampler_tea, M, schedule_type, schedule_rho, max_order=None):

@@ -2,8 +2,9 @@
 
 EPDPredictor: per step and point, tables for position r (sigmoid), direction scale c, time scale a and simplex
 weights w (softmax). AMEDPredictor: a small network from the bottleneck feature and the step's times to (r, c, a).
-Both carry `settings`: everything needed to sample with them (solver, schedule, steps, points, afs, scales,
-dataset, sample shape, guidance).
+LD3Predictor: the N + 1 time points of a classical solver (and optionally a decoupled grid at which the network is
+queried), learned by training/ld3.py. All carry `settings`: everything needed to sample with them (solver, schedule,
+steps, points, afs, scales, dataset, sample shape, sigma range, guidance).
 """
 import math
 
@@ -145,4 +146,80 @@ class AMEDPredictor(LearnedPredictor):
                     lower_order_final=s.get('lower_order_final', True), return_trajectory=return_trajectory)
 
 
-PREDICTORS = {'epd': EPDPredictor, 'amed': AMEDPredictor}
+def ld3_grid(theta, delta, sigma_min, sigma_max, win_rate):
+    """LD3's grids from its parameters (length N + 1 each): the solver grid sigmas and the evaluation grid.
+
+    u = normalised cumsum(softmax(theta)) runs from 0 to 1 and sets log sigma = log sigma_max + u (log sigma_min -
+    log sigma_max): strictly decreasing, ends pinned, and theta = const gives the grid uniform in log sigma (the
+    logsnr schedule). The evaluation grid moves each interior point in log sigma by delta, clipped to win_rate times
+    the smallest log gap of the grid (a bound on the actual gaps, detached), so for win_rate <= 0.5 it keeps the
+    grid's order; delta = 0 gives the grid itself."""
+    c = torch.cumsum(torch.softmax(theta, 0), 0)
+    u = (c - c[0]) / (c[-1] - c[0])
+    hi, lo = math.log(sigma_max), math.log(sigma_min)
+    logs = hi + u * (lo - hi)
+    inner = logs[1:-1]
+    gaps = torch.cat([logs[:1].new_tensor([hi]), inner, logs[:1].new_tensor([lo])]).diff().neg()
+    bound = (win_rate * gaps.min()).detach()
+    moved = inner + torch.clamp(delta[1:-1], -bound, bound)
+    ends = theta.new_tensor([sigma_max]), theta.new_tensor([sigma_min])
+    return torch.cat([ends[0], inner.exp(), ends[1]]), torch.cat([ends[0], moved.exp(), ends[1]])
+
+
+class LD3Predictor(LearnedPredictor):
+    """A learned time grid (LD3) for the classical solver settings['solver'] with settings['num_steps'] points."""
+    kind = 'ld3'
+
+    def __init__(self, settings, generator=None):
+        super().__init__(settings)
+        n = settings['num_steps']
+        self.theta = torch.nn.Parameter(torch.ones(n, dtype=torch.float64))
+        self.delta = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def grids(self):
+        s = self.settings
+        sigmas, evals = ld3_grid(self.theta, self.delta, s['sigma_min'], s['sigma_max'], s['win_rate'])
+        return sigmas, (evals if s.get('decoupled', True) else None)
+
+    def schedule(self, net=None):
+        return self.grids()[0].detach()
+
+    def nfe(self):
+        return solvers.nfe_formula(self.settings['solver'], self.settings['num_steps'])
+
+    evaluations = nfe
+
+    def summary(self):
+        s = self.settings
+        return dict(solver=s['solver'], predictor=self.kind, num_steps=s['num_steps'], schedule_type='ld3',
+                    afs=False, sigma_min=s['sigma_min'], sigma_max=s['sigma_max'])
+
+    def sampling_options(self):
+        s = self.settings
+        fixed = {k: v for k, v in self.summary().items() if k != 'predictor'}
+        fixed.update({k: s[k] for k in ('max_order', 'variant', 'predict_x0', 'lower_order_final')
+                      if s.get(k) is not None})
+        return fixed
+
+    def check_model(self, net):
+        super().check_model(net)
+        s = self.settings
+        if s['sigma_max'] > net.sigma_max * (1 + 1e-9) or s['sigma_min'] < net.sigma_min * (1 - 1e-9):
+            raise ValueError(f"the learned schedule spans sigma {s['sigma_max']:g} to {s['sigma_min']:g}, outside "
+                             f"this model's range {net.sigma_max:g} to {net.sigma_min:g}; train a schedule for this "
+                             "model")
+
+    def run(self, net, latents, sigmas, eval_sigmas=None, cond=None, return_trajectory=False):
+        """The solver from unit-Gaussian latents on the given grids (training passes grids with gradients)."""
+        s = self.settings
+        opts = {k: s[k] for k in ('max_order', 'variant', 'predict_x0', 'lower_order_final') if s.get(k) is not None}
+        return solvers.sample(net, latents, s['solver'], sigmas=sigmas.to(latents), cond=cond,
+                              eval_sigmas=None if eval_sigmas is None else eval_sigmas.to(latents),
+                              return_trajectory=return_trajectory, **opts)
+
+    def sample(self, net, latents, cond=None, return_trajectory=False):
+        sigmas, evals = self.grids()
+        return self.run(net, latents, sigmas, evals, cond, return_trajectory)
+
+
+PREDICTORS = {'epd': EPDPredictor, 'amed': AMEDPredictor, 'ld3': LD3Predictor}
