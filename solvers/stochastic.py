@@ -63,8 +63,9 @@ def denoiser_jvp(net, x, sigma, cond, v_x, v_sigma, mode='auto'):
 
     mode 'jvp': one forward-mode pass (torch.func.jvp; one network call, counted as a JVP pass). mode 'fd': a
     forward difference with step t = sqrt(eps) (1 + rms x) / rms v per image, D(x) and D(x + t v) in one batched
-    call of 2B rows (one extra evaluation per image, no extra sequential round); accurate to about sqrt(eps)
-    relative (3e-4 in float32, 1e-8 in float64). mode 'auto': 'jvp' unless the denoiser says its forward is not
+    call of 2B rows (one extra evaluation per image, no extra sequential round). eps is float32's even for
+    float64 inputs (networks such as EDM's compute in float32 whatever the input dtype, where a float64-sized
+    step would difference rounding noise), so the difference is accurate to about 3e-4 relative. mode 'auto': 'jvp' unless the denoiser says its forward is not
     forward-mode differentiable (`net.forward_ad` False, e.g. classifier guidance, which differentiates inside)."""
     if mode not in JVP_MODES:
         raise ValueError(f"unknown jvp mode {mode!r}; allowed: {', '.join(JVP_MODES)}")
@@ -83,7 +84,7 @@ def denoiser_jvp(net, x, sigma, cond, v_x, v_sigma, mode='auto'):
                              "); use the finite-difference directional derivative (jvp='fd')") from None
     B = x.shape[0]
     flat = lambda t: t.reshape(B, -1)
-    eps = torch.finfo(x.dtype).eps
+    eps = max(torch.finfo(x.dtype).eps, torch.finfo(torch.float32).eps)
     step = math.sqrt(eps) * (1 + flat(x).pow(2).mean(1).sqrt()) / flat(v_x).pow(2).mean(1).sqrt().clamp(min=1e-30)
     step = torch.where(flat(v_x).abs().amax(1) > 0, step, math.sqrt(eps) * (1 + sigma.abs()) /
                        v_sigma.abs().clamp(min=1e-30))
