@@ -371,7 +371,7 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
     try:
         run(**locals())
     except (UsageError, ValueError, models.ModelError, NonFiniteError, OSError) as e:
-        print(f'sample.py: error: {e}', file=sys.stderr)
+        dist.report_error('sample.py', e, same_everywhere=not isinstance(e, (NonFiniteError, OSError)))
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
@@ -510,6 +510,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             name = f"{predictor.kind}-{name}_{image_settings['predictor']}"
         outdir = os.path.join('samples', dataset_name, name + (f'_{parallel}' if parallel else ''))
     check_outdir(outdir, image_settings)
+    problem = None
     if dist.get_rank() == 0:
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -517,7 +518,11 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             open(probe, 'w').close()
             os.unlink(probe)
         except OSError as e:
-            raise UsageError(f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder")
+            problem = f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder"
+    problem = dist.broadcast_object(problem)        # every worker stops on it, none waits for rank 0 in vain
+    if problem:
+        raise UsageError(problem)
+    if dist.get_rank() == 0:
         options = dict(dataset_name=dataset_name, model_path=model_path, classifier_path=classifier_path,
                        predictor_path=predictor_path,
                        seeds=seeds, batch=batch, settings=settings, images=image_settings)

@@ -249,7 +249,7 @@ def main(**kwargs):
             kwargs = resume_options(kwargs, explicit)
         run(**kwargs)
     except (UsageError, ValueError, models.ModelError, OSError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
+        dist.report_error('train.py', e, same_everywhere=not isinstance(e, OSError))
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
@@ -341,7 +341,15 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                                  f"which is now {now.get(key)!r} (has the model or its config changed?); start a new "
                                  "run")
     else:
-        run_dir = dist.broadcast_object(next_run_dir(outdir, name) if rank == 0 else None)
+        run_dir = problem = None
+        if rank == 0:
+            try:
+                run_dir = next_run_dir(outdir, name)
+            except OSError as e:
+                problem = f"cannot create a run folder in --outdir={outdir} ({e.strerror}); choose a writable folder"
+        run_dir, problem = dist.broadcast_object((run_dir, problem))    # every worker stops on a problem
+        if problem:
+            raise UsageError(problem)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if resume is None:
