@@ -547,8 +547,10 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                       f"residual at stop: {p['residual_max']:.3g} (largest first-order RMS residual, VP units)",
                       f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
         elif summary['images']:
+            rows = net.rows_per_eval
             lines += [f"NFE per image: {summary['nfe_per_image']:g} (sequential rounds: "
-                      f"{summary['sequential_rounds']:g})",
+                      f"{summary['sequential_rounds']:g}" + (f"; classifier-free guidance: {rows} network rows per "
+                      f"evaluation, {rows * summary['nfe_per_image']:g} per image)" if rows > 1 else ")"),
                       f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
         lines.append(f'images in: {outdir}')
         if grid_path:
