@@ -363,7 +363,7 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--order', metavar='INT', type=int, default=None, help='Parallel: equations reach this many evaluations back [default: the window]')
 @click.option('--memory_size', metavar='INT', type=int, default=None, help='Parallel: Anderson history (1 = none) [default: 2 for taa]')
 @click.option('--max_steps', metavar='INT', type=int, default=None, help='Parallel: cap on the iterations [default: the sequential evaluations]')
-@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel, --stop=residual: per-step residual tolerance (RMS, VP units) [default: 1e-4]')
+@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel: per-step residual tolerance (RMS, VP units; --stop=final: only while a shorter window slides) [default: 1e-4]')
 @click.option('--stop', metavar='final|residual', type=click.Choice(par.STOP_RULES), default='final', help='Parallel stopping rule: final = error estimate of the output, residual = per-step (the references\')')
 @click.option('--final_tol', metavar='FLOAT', type=float, default=par.FINAL_TOL, help='Parallel, --stop=final: bound on the output\'s RMS error estimate (VP units)')
 @click.option('--save_iterates', metavar='BOOL', type=bool, default=False, help='Parallel: save each iteration\'s output estimate (iterates/SEED/K.png)')
@@ -515,7 +515,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
         scheme = par.solver_scheme(net, predictor=predictor, **opts)
         if tol is None:
-            tol = 0.0 if stop == 'final' else 1e-4
+            tol = 1e-4
         if memory_size is None:
             memory_size = 2 if parallel == 'taa' else 1
         parallel_opts = dict(method=parallel, window_size=window_size, order=order, memory_size=memory_size,
