@@ -433,7 +433,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         if notice:
             dist.print0(notice, flush=True)
         meta = predictor.settings
-        cfg = configs.load_config(dataset_name or meta['dataset_name'])
+        cfg = configs.load_config(dataset_name or meta.get('config') or meta['dataset_name'])
         if cfg['dataset_name'] != meta['dataset_name']:
             raise UsageError(f"the predictor {predictor_path} was trained for dataset {meta['dataset_name']!r}, not "
                              f"{cfg['dataset_name']!r}; drop --dataset_name or use a predictor trained for it")
@@ -539,9 +539,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                           settings=dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
                                         sigma_max=settings.get('sigma_max') or net.sigma_max))
     if predictor is not None:
-        folder = training.resolve_predictor_path(predictor_path)
-        image_settings['predictor'] = file_digest([os.path.join(folder, training.SETTINGS_FILE),
-                                                   os.path.join(folder, training.PREDICTOR_FILE)])
+        image_settings['predictor'] = file_digest(training.predictor_files(predictor_path))
     if parallel_opts is not None:
         image_settings['parallel'] = {k: v for k, v in parallel_opts.items()
                                       if k not in ('scheme', 'save_iterates', 'save_trajectory')}

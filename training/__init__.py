@@ -42,8 +42,38 @@ def resolve_predictor_path(path, exps_dir=EXPS_DIR):
     raise ValueError(f"--predictor_path={path}: no such folder, file or experiment number in {exps_dir}/")
 
 
+def reference_pickle(path, exps_dir=EXPS_DIR):
+    """The reference predictor pickle that `path` names (the file, or the latest snapshot in a folder without our
+    predictor files), or None."""
+    from training.convert_predictor import PICKLE_SUFFIXES, reference_pickle_in
+    path = str(path)
+    if os.path.isfile(path):
+        return path if path.endswith(PICKLE_SUFFIXES) else None
+    try:
+        folder = resolve_predictor_path(path, exps_dir)
+    except ValueError:
+        return None
+    if os.path.isfile(os.path.join(folder, SETTINGS_FILE)):
+        return None
+    return reference_pickle_in(folder)
+
+
+def predictor_files(path, exps_dir=EXPS_DIR):
+    """The files that determine the predictor `path` names (for naming its samples by content)."""
+    pkl = reference_pickle(path, exps_dir)
+    if pkl is not None:
+        return [pkl]
+    folder = resolve_predictor_path(path, exps_dir)
+    return [os.path.join(folder, SETTINGS_FILE), os.path.join(folder, PREDICTOR_FILE)]
+
+
 def load_predictor(path, exps_dir=EXPS_DIR):
-    """Load a trained predictor (no code is executed: JSON settings and safetensors weights)."""
+    """Load a trained predictor (no code is executed: JSON settings and safetensors weights), or a reference
+    repository's predictor pickle (restricted unpickler, converted in memory: training/convert_predictor.py)."""
+    pkl = reference_pickle(path, exps_dir)
+    if pkl is not None:
+        from training.convert_predictor import load_reference_predictor
+        return load_reference_predictor(pkl)
     folder = resolve_predictor_path(path, exps_dir)
     settings_path, weights_path = os.path.join(folder, SETTINGS_FILE), os.path.join(folder, PREDICTOR_FILE)
     if not (os.path.isfile(settings_path) and os.path.isfile(weights_path)):

@@ -31,6 +31,8 @@ class LearnedPredictor(torch.nn.Module):
 
     def schedule(self, net):
         s = self.settings
+        if s.get('t_steps'):   # an explicit grid (a converted reference predictor keeps the grid it was trained on)
+            return torch.tensor(s['t_steps'], dtype=torch.float64)
         return solvers.get_schedule(s['num_steps'], s['sigma_min'], s['sigma_max'], s['schedule_type'],
                                     s['schedule_rho'], net=net)
 
@@ -99,12 +101,42 @@ class EPDPredictor(LearnedPredictor):
     def solve(self, net, x, sigmas, cond=None, return_trajectory=False):
         s = self.settings
         plugin = 'ipndm' if s['sampler_stu'] == 'ipndm' else None
-        return epd(net, x, sigmas, cond, table=lambda n: self.table(n, x.dtype), afs=s['afs'], fcn=s['fcn'],
-                   plugin=plugin, max_order=s.get('max_order') or 3, return_trajectory=return_trajectory)
+        run = lambda net, x, sigmas: epd(net, x, sigmas, cond, table=lambda n: self.table(n, x.dtype), afs=s['afs'],
+                                         fcn=s.get('fcn', False), plugin=plugin, max_order=s.get('max_order') or 3,
+                                         return_trajectory=return_trajectory)
+        if s.get('ode_space', 've') == 've':
+            return run(net, x, sigmas)
+        # ode_space 'flow': the same update in rectified-flow coordinates (EPD-Solver++ on SD3/FLUX): flow time
+        # t = sigma / (1 + sigma), state x / (1 + sigma), probes geometric in t. Mapped back to VE at the end.
+        out = run(FlowTime(net), x / (1 + sigmas[0]), sigmas / (1 + sigmas))
+        if not return_trajectory:
+            return out * (1 + sigmas[-1])
+        x_flow, states = out
+        return x_flow * (1 + sigmas[-1]), states * (1 + sigmas).reshape(-1, *([1] * x.ndim))
 
 
-def time_embedding(sigma, channels=8):
-    """Sinusoidal embedding of log sigma (log: sigma spans 1e-3 to 1e2, raw sigma would saturate)."""
+class FlowTime:
+    """A VE denoiser seen in rectified-flow coordinates: D at state x_f and flow time t is D(x_f (1 + s), s) with
+    s = t / (1 - t) (x_f = (1 - t) x0 + t n is the VE state x0 + s n divided by 1 + s); the slope
+    (x_f - D) / t is the flow's velocity."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, t, cond=None, return_bottleneck=False):
+        sigma = t / (1 - t)
+        scale = (1 + sigma).reshape(-1, *([1] * (x.ndim - 1))) if torch.is_tensor(sigma) and sigma.ndim else 1 + sigma
+        return self.net(x * scale, sigma, cond, return_bottleneck=return_bottleneck)
+
+
+def time_embedding(sigma, channels=8, kind='log_sigma'):
+    """Sinusoidal embedding of log sigma (log: sigma spans 1e-3 to 1e2, raw sigma would saturate).
+    kind='sigma': the reference AMED predictor's embedding of raw sigma, frequencies 10000^(-j / (channels/2 - 1))."""
+    if kind == 'sigma':
+        half = channels // 2
+        freqs = (1e-4) ** (torch.arange(half, dtype=torch.float64) / (half - 1))
+        angles = sigma.to(torch.float64).reshape(-1, 1) * freqs.to(sigma.device)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     freqs = torch.exp(torch.arange(channels // 2, dtype=torch.float64) * (-math.log(100.0) / (channels // 2)))
     angles = torch.log(sigma.to(torch.float64)).reshape(-1, 1) * freqs.to(sigma.device) * 4
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
@@ -130,7 +162,9 @@ class AMEDPredictor(LearnedPredictor):
     def params(self, feature, t_cur, t_next):
         s = self.settings
         B = feature.shape[0]
-        emb = torch.cat([F.silu(self.time_net(time_embedding(t.reshape(1)))) for t in (t_cur, t_next)], dim=1)
+        kind = s.get('time_embedding', 'log_sigma')
+        emb = torch.cat([F.silu(self.time_net(time_embedding(t.reshape(1), kind=kind))) for t in (t_cur, t_next)],
+                        dim=1)
         u = torch.cat([self.feature_net(feature.to(torch.float64).reshape(B, -1)), emb.expand(B, -1)], dim=1)
         out = self.head(u)
         r = torch.sigmoid(out[:, 0])
@@ -141,7 +175,13 @@ class AMEDPredictor(LearnedPredictor):
     def solve(self, net, x, sigmas, cond=None, return_trajectory=False):
         s = self.settings
         base = s['sampler_stu']
-        return amed(net, x, sigmas, cond, params=self.params, base=base, afs=s['afs'], feature_dim=s['feature_dim'],
+        params = self.params
+        if s['afs'] and s.get('afs_feature') == 'zeros':
+            # The reference feeds zeros as the feature of the AFS step (no network call); its predictors expect it.
+            first = float(sigmas[0])   # the grid decreases strictly: only step 0 starts there
+            params = lambda f, t_cur, t_next: self.params(torch.zeros_like(f) if float(t_cur) == first else f,
+                                                          t_cur, t_next)
+        return amed(net, x, sigmas, cond, params=params, base=base, afs=s['afs'], feature_dim=s['feature_dim'],
                     max_order=s.get('max_order') or 3, predict_x0=s.get('predict_x0', True),
                     lower_order_final=s.get('lower_order_final', True), return_trajectory=return_trajectory)
 
