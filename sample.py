@@ -314,9 +314,10 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else {configs.DEFAULT_DATASET}]')
+@click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else told from --model_path, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
 @click.option('--classifier_path', metavar='PATH|URL', default=None, help='Noise-aware classifier for --guidance_type=cg (family adm) [default: the config\'s]')
+@click.option('--resolution', metavar='INT', type=click.IntRange(min=8), default=None, help='Image size of latent models [default: the config\'s; with another --model_path, the model\'s own]')
 @click.option('--network', metavar='PKL', default=None, help='2nd-SED\'s generate.py spelling: an EDM pickle (= --model_path; without --dataset_name read as family edm, float64, default solver sed_ref)')
 @click.option('--predictor_path', metavar='PATH|INT', default=None, help='Trained predictor: folder, file or experiment number')
 @click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
@@ -375,7 +376,7 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
          dtype, device, timesteps, num_samples, eta, parallel, window_size, order, memory_size, max_steps, tol, stop,
          final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps, network, S_churn, S_min, S_max,
-         S_noise, randn_like, beta, drift, jvp, classifier_path):
+         S_noise, randn_like, beta, drift, jvp, classifier_path, resolution):
     """Generate images: any solver, any model, any number of torchrun workers.
 
     \b
@@ -397,7 +398,8 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         dtype, device, timesteps=None, num_samples=None, eta=None, parallel=None, window_size=None, order=None,
         memory_size=None, max_steps=None, tol=None, stop='final', final_tol=par.FINAL_TOL, save_iterates=False,
         save_trajectory=False, init_trajectory=None, variation_steps=None, network=None, S_churn=None, S_min=None,
-        S_max=None, S_noise=None, randn_like=None, beta=None, drift=None, jvp=None, classifier_path=None):
+        S_max=None, S_noise=None, randn_like=None, beta=None, drift=None, jvp=None, classifier_path=None,
+        resolution=None):
     stochastic_given = {k: v for k, v in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
                                               randn_like=randn_like, beta=beta, drift=drift, jvp=jvp).items()
                         if v is not None}
@@ -444,7 +446,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         cfg = dict(dataset_name='edm', model=dict(family='edm', sigma_min=0.002, sigma_max=80.0),
                    sample=dict(dtype='float64'))
     else:
-        cfg = configs.load_config(dataset_name or configs.DEFAULT_DATASET)
+        cfg = configs.config_for_run(dataset_name, model_path)
     dataset_name = cfg['dataset_name']
     if solver is None and predictor is None and seed_style:
         solver = 'sed_ref'    # the seed's command line (--network, --randn_like) runs its own sampler
@@ -480,7 +482,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
     if dist.get_rank() != 0:
         dist.barrier()
-    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
+    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path, resolution)
     if dist.get_rank() == 0:
         dist.barrier()
     if settings.get('t_steps') and (settings['t_steps'][0] > net.sigma_max * (1 + 1e-9)
@@ -534,6 +536,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                              save_trajectory=save_trajectory, init_trajectory=init_trajectory)
     # Everything that changes a pixel: a folder holds images of one such setting only.
     image_settings = dict(dataset_name=dataset_name, model=model_path or cfg['model'], classifier=classifier_path,
+                          resolution=resolution,
                           guidance_type=guidance_type, guidance_rate=guidance_rate, class_idx=class_idx,
                           prompt=prompt, prompt_file=file_digest([prompt_file]) if prompt_file else None,
                           settings=dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,

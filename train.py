@@ -123,7 +123,7 @@ def recorded_values(options):
                                 'max_order', 'predict_x0', 'lower_order_final', 'guidance_type', 'guidance_rate',
                                 'dtype') if k in s}
     values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'coslr', 'seed', 'model_path', 'prompt_path',
-                                           'classifier_path') if k in options})
+                                           'classifier_path', 'resolution') if k in options})
     values['dataset_name'] = options.get('dataset_config', s['dataset_name'])
     if s['predictor'] == 'epd':
         values['num_points'] = s['num_points']
@@ -191,9 +191,10 @@ class Logger:
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--dataset_name', metavar='NAME', default=configs.DEFAULT_DATASET, help='Dataset config (configs/NAME.yaml or a YAML path)')
+@click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: told from --model_path, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
 @click.option('--classifier_path', metavar='PATH|URL', default=None, help='Noise-aware classifier for --guidance_type=cg (family adm) [default: the config\'s]')
+@click.option('--resolution', metavar='INT', type=click.IntRange(min=8), default=None, help='Image size of latent models [default: the config\'s; with another --model_path, the model\'s own]')
 @click.option('--sampler_stu', metavar='NAME', type=click.Choice(STUDENTS), default=None, help='Student: epd, ipndm (EPD-Plugin, or AMED-Plugin with --plugin=amed), amed, euler/dpm/dpmpp (AMED-Plugin) [default: epd]')
 @click.option('--plugin', metavar='epd|amed', type=click.Choice(['epd', 'amed']), default='epd', help='For --sampler_stu=ipndm: which predictor plugs in')
 @click.option('--sampler_tea', metavar='NAME', type=click.Choice(TEACHERS), default=None, help='Teacher solver [default: dpm]')
@@ -264,11 +265,13 @@ def ld3_run(kwargs):
 def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M, num_points, afs, scale_dir,
         scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, sigma_min, sigma_max, max_order,
         predict_x0, lower_order_final, guidance_type, guidance_rate, prompt_path, batch, batch_gpu, total_kimg, lr,
-        coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None):
+        coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None, resolution=None):
     dist.init()
     device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = configs.load_config(dataset_name)
+    if dataset_name is None and (model_path is None or str(model_path).startswith('python:')):
+        dataset_name = configs.DEFAULT_DATASET
+    cfg = configs.config_for_run(dataset_name, model_path)
     opts = resolve_options(cfg, {k: v for k, v in locals().items() if k in TRAIN_DEFAULTS}, plugin)
     sampler_stu, sampler_tea, num_steps, M, num_points, afs = (opts[k] for k in (
         'sampler_stu', 'sampler_tea', 'num_steps', 'M', 'num_points', 'afs'))
@@ -279,7 +282,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
-    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
+    net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path, resolution)
     if loss is None:
         loss = default_loss(cfg, net, model_path)
     kind = predictor_kind(sampler_stu, plugin)
@@ -323,7 +326,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-afs' if afs else '') + (f'-{desc}' if desc else '')
     options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
-                   seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path,
+                   seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path, resolution=resolution,
                    prompt_path=prompt_path,
                    dataset_config=dataset_name, plugin=plugin)
     if dry_run:

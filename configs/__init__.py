@@ -33,3 +33,13 @@ def load_config(name):
         cfg[section] = dict(cfg.get(section) or {})
     cfg.setdefault('dataset_name', os.path.splitext(os.path.basename(str(name)))[0])
     return cfg
+
+
+def config_for_run(dataset_name, model_path=None):
+    """The config a script runs with: --dataset_name's; with only a --model_path (a local file or folder), one made
+    from the model itself (models/detect.py tells its family, or says which --dataset_name to add); else the
+    default dataset's."""
+    if dataset_name is None and model_path is not None and not str(model_path).startswith('python:'):
+        from models.detect import config_for_model
+        return config_for_model(model_path)
+    return load_config(dataset_name or DEFAULT_DATASET)
