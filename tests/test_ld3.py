@@ -71,16 +71,32 @@ def pairs(gmm_image, tmp_path_factory):
     return (z[:20], y[:20]), (z[20:], y[20:])
 
 
+@pytest.fixture(scope='module')
+def exact_pairs(gmm_image, tmp_path_factory):
+    """Teacher = the exact ODE solution: 40 training and 60 validation pairs."""
+    z, y = ld3.teacher_data(gmm_image, dict(META, teacher='exact'), 100, str(tmp_path_factory.mktemp('data')),
+                            torch.float64, 'cpu', log=lambda *_: None)
+    return (z[:40], y[:40]), (z[40:], y[40:])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('solver', ['dpmpp', 'ipndm', 'unipc'])
-def test_training_lowers_the_error_to_the_exact_solution_at_nfe_5(gmm_image, pairs, solver):
-    z, error = held_out(gmm_image)
-    start = error(solvers.sample(gmm_image, z, solver, 6, 'logsnr'))
-    predictor, trainer = ld3.train(gmm_image, dict(SETTINGS, solver=solver), dict(small_opts(solver=solver)), pairs,
+def test_training_lowers_the_error_to_the_exact_solution_at_nfe_5(gmm_image, exact_pairs, solver):
+    # From EDM's polynomial grid (rho 7), the hand-made grid worst for all three here; the error to the exact solution on 60 noises that the
+    # training never saw, both its mean and its median (a few noises end in another mode than the exact path's,
+    # with errors ~20x the typical: the median shows the typical sample).
+    z, error = held_out(gmm_image, 60)
+    per_sample = lambda x: ((x - exact).flatten(1).norm(dim=1) / math.sqrt(exact[0].numel()))
+    exact = solvers.solve_exact(gmm_image, z * 80.0, 80.0, 0.002)
+    start = per_sample(solvers.sample(gmm_image, z, solver, 6, 'polynomial', 7.0))
+    opts = small_opts(solver=solver, init_schedule='polynomial', num_train=40, num_valid=60, main_valid_batch_size=60, training_rounds_v1=2,
+                      training_rounds_v2=0)
+    predictor, trainer = ld3.train(gmm_image, dict(SETTINGS, solver=solver, decoupled=False), opts, exact_pairs,
                                    log=lambda *_: None)
     with torch.no_grad():
-        learned = error(predictor.sample(gmm_image, z))
-    assert learned < 0.9 * start, (solver, learned, start, predictor.grids())
+        learned = per_sample(predictor.sample(gmm_image, z))
+    assert learned.mean() < 0.9 * start.mean() and learned.median() < 0.9 * start.median(), \
+        (solver, learned.mean(), start.mean(), learned.median(), start.median(), predictor.grids())
 
 
 def test_teacher_data_is_made_once_and_reused(gmm_image, tmp_path):
