@@ -21,6 +21,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import torch
@@ -78,12 +79,16 @@ def _zip_storages(archive, prefix):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
             raise UnsafePickleError('unexpected persistent id in the archive')
         _, storage_type, key, _location, numel = pid     # the location (e.g. 'cuda:0') is ignored: CPU
-        dtype = getattr(storage_type, 'dtype', None)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')      # the storage type tags are deprecated classes; only their dtype
+            dtype = getattr(storage_type, 'dtype', None)
         if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
             raise UnsafePickleError('malformed storage record in the archive')
         data = bytearray(archive.read(f'{prefix}data/{key}'))
         untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
     return load
 
 
@@ -245,9 +250,12 @@ def _common_settings(attrs, loss, path):
                     sigma_max=float(sigma_max), max_order=attrs.get('max_order'),
                     predict_x0=bool(attrs.get('predict_x0', True)),
                     lower_order_final=bool(attrs.get('lower_order_final', True)),
-                    guidance_type=guidance_type, guidance_rate=guidance_rate, sample_shape=shape, dtype='float32')
+                    guidance_type=guidance_type, guidance_rate=guidance_rate if guidance_type else None,
+                    sample_shape=shape, dtype='float32')
     if space != 've':
         settings['ode_space'] = space
+    if settings['afs']:
+        settings['afs_formula'] = 'reference'      # x / sqrt(1 + sigma^2) and a zero feature (predictors.py)
     grid = loss.state.get('t_steps') if loss is not None else None
     if isinstance(grid, torch.Tensor) and grid.numel() == settings['num_steps'] and space == 've':
         # The grid the table was trained on, as the reference computed it (time_uniform in float32).
@@ -315,7 +323,7 @@ def _amed(record, loss, path):
                                    'other than 8/4/1; only the released architecture converts')
     settings.update(predictor='amed', num_points=1, scale_dir=scale_dir, scale_time=scale_time,
                     feature_dim=int(enc0[0].shape[1]), hidden_dim=int(enc0[0].shape[0]), time_embedding='sigma',
-                    afs_feature='zeros', loss='l2', fcn=False)
+                    loss='l2', fcn=False)
     predictor = AMEDPredictor({k: v for k, v in settings.items() if k != 'predictor'})
     # Our single head Linear(20, 3) holds the reference's heads fc_r, fc_scale_dir, fc_scale_time as rows; a head
     # the reference lacks (its scale is 0, so its output is never read) is a zero row.
