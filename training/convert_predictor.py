@@ -366,12 +366,13 @@ def reference_pickle_in(folder):
     return None
 
 
-def convert(src, outdir):
-    """Write the converted predictor folder; refuses an existing non-empty outdir. Returns the predictor."""
+def write_predictor_folder(predictor, outdir, replace=False):
+    """Save a predictor as a folder that appears complete or not at all: written into a temporary folder beside
+    it, then renamed into place. An existing non-empty outdir is refused, or with replace=True swapped out."""
     import training
-    predictor = load_reference_predictor(src)
     outdir = os.path.abspath(outdir)
-    if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
+    exists = os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir))
+    if exists and not replace:
         raise ReferencePickleError(f'{outdir} already exists; choose a new folder for the converted predictor')
     parent = os.path.dirname(outdir)
     try:
@@ -379,14 +380,26 @@ def convert(src, outdir):
         tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(outdir) + '.')
     except OSError as e:
         raise ReferencePickleError(f'cannot write into {parent} ({e.strerror}); choose a writable folder') from None
+    old = None
     try:
         training.save_predictor(predictor, tmp)
-        if os.path.isdir(outdir):
+        if exists:
+            old = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(outdir) + '.old.')
+            os.rename(outdir, os.path.join(old, 'previous'))
+        elif os.path.isdir(outdir):
             os.rmdir(outdir)
         os.rename(tmp, outdir)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return outdir
+
+
+def convert(src, outdir):
+    """Write the converted predictor folder; refuses an existing non-empty outdir. Returns the predictor."""
+    predictor = load_reference_predictor(src)
+    write_predictor_folder(predictor, outdir)
     return predictor
 
 
