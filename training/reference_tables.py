@@ -67,7 +67,15 @@ def _pairs(w1):
     return [[w, 1 - w] for w in w1]
 
 
-SD3_RANGE, FLUX_RANGE, SD15_RANGE = flow_sigma_range('sd3'), flow_sigma_range('flux'), (0.02917, 14.6146)
+def sd15_sigma_range():
+    """The ends of SD1.5's discrete sigma table (scaled-linear betas 0.00085 .. 0.012, 1000 steps): 0.02917, 14.61."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    sigmas = ((1 - alphas) / alphas).sqrt()
+    return float(sigmas[0]), float(sigmas[-1])
+
+
+SD3_RANGE, FLUX_RANGE, SD15_RANGE = flow_sigma_range('sd3'), flow_sigma_range('flux'), sd15_sigma_range()
 
 # name -> settings and the published values: r (position in log sigma, or log t for flow tables), w (weights),
 # c (direction scale), a (time scale); rows are steps, pairs the K = 2 points.
