@@ -384,9 +384,10 @@ def test_amed_predictor_converts(tmp_path, reference_layout, cuda_tags):
     for t_cur, t_next in ((80.0, 6.95), (1.29, 0.002)):
         got = predictor.params(h.reshape(5, 64), torch.tensor(t_cur, dtype=torch.float64),
                                torch.tensor(t_next, dtype=torch.float64))
-        want = ref_amed_forward(ref, h, torch.tensor(t_cur), torch.tensor(t_next))
+        want = ref_amed_forward(ref, h, torch.tensor(t_cur, dtype=torch.float64),
+                                torch.tensor(t_next, dtype=torch.float64))
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)    # the reference embeds in float32
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
     # The AFS step (no network call) sees a zero feature, as the reference's predictor was trained with.
     seen = []
     params = predictor.params
@@ -449,3 +450,38 @@ def test_sd3_grid_is_the_reference_scheduler_grid():
     assert abs(t[-1] - ref[-1]) < 1e-12 and abs(ref[-1] - 0.008929) < 1e-6
     du = unshift(t) - unshift(ref)
     assert np.all(np.abs(du) <= 1e-3 + 1e-12) and abs(du[0] + 1e-3) < 1e-12
+
+
+def test_first_amed_release_with_fixed_scale_ranges(tmp_path, reference_layout, cuda_tags):
+    """The first AMED release has no scale_dir argument: direction scale sigmoid/50 + 0.99 (sigmoid/10 + 0.95 for
+    the DPM-Solver++ plugin in data prediction), time scale sigmoid/2.5 + 0.8 when scale_time is on."""
+    torch.manual_seed(9)
+    ref = AMED_predictor(scale_dir=0.01, scale_time=True, dataset_name='cifar10', num_steps=4, sampler_stu='dpmpp',
+                         sampler_tea='dpmpp', M=2, schedule_type='polynomial', schedule_rho=7.0, afs=False,
+                         max_order=3, predict_x0=True, lower_order_final=True).eval()
+    for d in (ref.__dict__, ref._init_kwargs):
+        del d['scale_dir']
+    pkl = tmp_path / 'amed-v1.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': ref}, f)
+    predictor = training.load_predictor(str(pkl))
+    assert (predictor.settings['scale_dir'], predictor.settings['scale_time']) == (0.05, 0.2)
+    h = torch.randn(3, 8, 8, dtype=torch.float64)
+    t_cur, t_next = torch.tensor(9.7, dtype=torch.float64), torch.tensor(0.47, dtype=torch.float64)
+    _, c, a = predictor.params(h.reshape(3, 64), t_cur, t_next)
+    ref.scale_dir, ref.scale_time = 0.0, 0.0     # only to reuse the trunk below; the heads are recomputed
+    lin = lambda m, x: x @ m.weight.double().t() + m.bias.double()
+    freqs = (1 / 10000) ** (torch.arange(4, dtype=torch.float64) / 3)
+    emb = lambda t: torch.nn.functional.silu(lin(ref.map_layer0, torch.cat([(t * freqs).sin(), (t * freqs).cos()])
+                                                 .reshape(1, 8))).repeat(3, 1)
+    trunk = lin(ref.enc_layer1, torch.nn.functional.silu(lin(ref.enc_layer0, h.reshape(3, 64))))
+    u = torch.cat([trunk, emb(t_cur), emb(t_next)], dim=1)
+    torch.testing.assert_close(c, (torch.sigmoid(lin(ref.fc_scale_dir, u)) / 10 + 0.95)[:, 0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(a, (torch.sigmoid(lin(ref.fc_scale_time, u)) / 2.5 + 0.8)[:, 0], rtol=1e-12, atol=0)
+
+
+def test_legacy_torch_save_is_named(tmp_path):
+    path = tmp_path / 'legacy.pkl'
+    torch.save({'model': torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(cp.ReferencePickleError, match='legacy torch.save'):
+        training.load_predictor(str(path))

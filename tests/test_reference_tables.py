@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import configs
-import solvers
 import training
 from tests.conftest import ROOT, run_cli
 from tests.test_reference_predictors import ref_epd_loop

@@ -165,8 +165,14 @@ def _child(record, name, path, required=True):
     return child
 
 
+LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c
+
+
 def find_records(data, path):
     """(predictor record, loss record or None) of a loaded pickle."""
+    if isinstance(data, int) and data == LEGACY_TORCH_MAGIC:
+        raise ReferencePickleError(f'{path} is in the legacy torch.save format (before PyTorch 1.6), which this '
+                                   'loader does not read; re-save it with torch.save or pickle.dump')
     loss = None
     if isinstance(data, dict):
         loss = data.get('loss_fn')
