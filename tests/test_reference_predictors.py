@@ -261,6 +261,9 @@ def test_plugin_and_plain_class_pickle(tmp_path, reference_layout, cuda_tags, mo
     cuda_tags['on'] = False
     predictor = training.load_predictor(str(pkl))
     assert predictor.settings['sampler_stu'] == 'ipndm' and predictor.settings['scale_time'] == 0.2
+    # No stored grid: the reference sampler's own float32 time_uniform grid, not the float64 one.
+    grid = predictor.schedule(None)
+    assert round(float(grid[-1]), 7) == 0.0020132 and round(float(grid[1]), 6) == 6.950278
     got = predictor.table(1)
     want = ref_tables(src, 0.05, 0.2)
     for g, w in zip(got, want):

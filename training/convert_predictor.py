@@ -247,6 +247,22 @@ def _placement(attrs, path):
     return config, shape, sigma_min, sigma_max, 've', guidance_type, guidance_rate
 
 
+def reference_time_uniform(num_steps, sigma_min, sigma_max, rho=1.0, eps_s=1e-3):
+    """The time_uniform grid as the reference computes it: in float32 on the CPU (its stored CIFAR-10 N = 4 grid is
+    80, 6.950278, 1.286681, 0.0020132; float64 gives 80, 6.95024, 1.28667, 0.002). The learned tables are tied to
+    this grid. Returned as float64 values of the float32 results."""
+    f = lambda v: torch.tensor(v, dtype=torch.float32)
+    lmax, lmin = torch.log(f(sigma_max) ** 2 + 1), torch.log(f(sigma_min) ** 2 + 1)
+    beta_d = 2 * (lmin / eps_s - lmax) / (eps_s - 1)
+    beta_min = lmax - 0.5 * beta_d
+    u = torch.arange(num_steps, dtype=torch.float32) / (num_steps - 1)
+    tau = (1 + u * (eps_s ** (1 / rho) - 1)) ** rho
+    # exp(x) - 1 of x ~ 4e-6 in float32 keeps about 1.5 digits of sigma_min: 0.0020132 instead of 0.002. Torch's
+    # float32 exp is the reference's; another library's exp may round one ulp apart (sigma_min 1.5% apart).
+    sigmas = torch.sqrt(torch.exp(0.5 * beta_d * tau ** 2 + beta_min * tau) - 1)
+    return [float(v) for v in sigmas]
+
+
 def _common_settings(attrs, loss, path):
     config, shape, sigma_min, sigma_max, space, guidance_type, guidance_rate = _placement(attrs, path)
     settings = dict(dataset_name=configs_dataset(config), config=config, sampler_stu=attrs.get('sampler_stu'),
@@ -266,6 +282,11 @@ def _common_settings(attrs, loss, path):
     if isinstance(grid, torch.Tensor) and grid.numel() == settings['num_steps'] and space == 've':
         # The grid the table was trained on, as the reference computed it (time_uniform in float32).
         settings['t_steps'] = [float(v) for v in grid.detach().to(torch.float64).flatten()]
+    elif settings['schedule_type'] == 'time_uniform':
+        # No stored grid: the one the reference's sampler computes (float32: its last point is not sigma_min).
+        settings['t_steps'] = reference_time_uniform(settings['num_steps'], settings['sigma_min'],
+                                                     settings['sigma_max'], settings['schedule_rho'])
+    if 't_steps' in settings:
         settings['sigma_max'], settings['sigma_min'] = settings['t_steps'][0], settings['t_steps'][-1]
     if settings['sampler_stu'] is None or not settings['num_steps'] or settings['schedule_type'] is None:
         raise ReferencePickleError(f'{path}: the predictor lacks sampler_stu/num_steps/schedule_type; not a '

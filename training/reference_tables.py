@@ -17,27 +17,11 @@ import sys
 
 import torch
 
-from training.convert_predictor import flow_sigma_range, write_predictor_folder
+from training.convert_predictor import flow_sigma_range, reference_time_uniform, write_predictor_folder
 from training.predictors import EPDPredictor
 
 EPD_ICCV = 'EPD-Solver (ICCV 2025), branch EPD-Solver of BeierZhu/EPD'
 EPD_PP = 'EPD-Solver++ / RDPO (TPAMI), default branch of BeierZhu/EPD'
-
-
-def reference_time_uniform(num_steps, sigma_min, sigma_max, rho=1.0, eps_s=1e-3):
-    """The time_uniform grid as the reference computes it: in float32 on the CPU (its stored CIFAR-10 N = 4 grid is
-    80, 6.950278, 1.286681, 0.0020132; float64 gives 80, 6.95024, 1.28667, 0.002). The learned tables are tied to
-    this grid. Returned as float64 values of the float32 results."""
-    f = lambda v: torch.tensor(v, dtype=torch.float32)
-    lmax, lmin = torch.log(f(sigma_max) ** 2 + 1), torch.log(f(sigma_min) ** 2 + 1)
-    beta_d = 2 * (lmin / eps_s - lmax) / (eps_s - 1)
-    beta_min = lmax - 0.5 * beta_d
-    u = torch.arange(num_steps, dtype=torch.float32) / (num_steps - 1)
-    tau = (1 + u * (eps_s ** (1 / rho) - 1)) ** rho
-    # exp(x) - 1 of x ~ 4e-6 in float32 keeps about 1.5 digits of sigma_min: 0.0020132 instead of 0.002. Torch's
-    # float32 exp is the reference's; another library's exp may round one ulp apart (sigma_min 1.5% apart).
-    sigmas = torch.sqrt(torch.exp(0.5 * beta_d * tau ** 2 + beta_min * tau) - 1)
-    return [float(v) for v in sigmas]
 
 
 def _cifar(num_steps, sampler_stu, sampler_tea, scale_time, run):
