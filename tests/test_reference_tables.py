@@ -141,3 +141,19 @@ def test_sd15_grid_matches_the_reference_interpolation():
     ours = predictor.schedule(net).numpy()
     assert np.abs(ours / ref - 1).max() < 4e-6
     assert abs(ours[0] - 14.6146) < 1e-4 and abs(ours[-1] - 0.029167) < 1e-6
+
+
+@pytest.mark.parametrize('name', ['ref-cifar10-epd-nfe5', 'ref-sd3-1024-epd-rl-best'])
+def test_reference_afs_and_flow_tables_solve_in_parallel(name):
+    """The reference AFS (no network call) and the flow-space update are affine in the state: parallel-in-time
+    solving reaches the sequential output."""
+    from solvers.parallel import parallel_sample
+    from tests.test_reference_predictors import Gaussian
+    net = Gaussian(0.3).double()
+    net.flow_shift = 3.0
+    predictor = training.load_predictor(os.path.join(EXPS, name))
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        ref = predictor.sample(net, latents)
+    x, _ = parallel_sample(net, latents, predictor=predictor, method='taa', final_tol=0.0)
+    torch.testing.assert_close(x, ref, atol=1e-9, rtol=0)

@@ -131,7 +131,7 @@ class ReferenceAFS:
 
     def __call__(self, x, sigma, cond=None, return_bottleneck=False):
         if not self.first:
-            return self.net(x, sigma, cond, return_bottleneck=return_bottleneck)
+            return self.net(x, sigma, cond, return_bottleneck=True) if return_bottleneck else self.net(x, sigma, cond)
         self.first = False
         denoised = x - sigma * x / torch.sqrt(1 + sigma ** 2)
         return (denoised, x.new_zeros(x.shape[0], self.feature_dim)) if return_bottleneck else denoised
@@ -148,7 +148,9 @@ class FlowTime:
     def __call__(self, x, t, cond=None, return_bottleneck=False):
         sigma = t / (1 - t)
         scale = (1 + sigma).reshape(-1, *([1] * (x.ndim - 1))) if torch.is_tensor(sigma) and sigma.ndim else 1 + sigma
-        return self.net(x * scale, sigma, cond, return_bottleneck=return_bottleneck)
+        if return_bottleneck:
+            return self.net(x * scale, sigma, cond, return_bottleneck=True)
+        return self.net(x * scale, sigma, cond)
 
 
 def time_embedding(sigma, channels=8, kind='log_sigma'):
