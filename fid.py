@@ -11,6 +11,7 @@ Examples:
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import urllib.request
 
@@ -503,5 +504,19 @@ def clip(image_path, prompts_path, clip_model, clip_weights, clip_config, num, s
     dist.shutdown()
 
 
+def run_main():
+    """main() with its errors printed once under torchrun (rank 0; torch_utils/distributed.report_error)."""
+    try:
+        code = main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as e:
+        if dist.env_rank() == 0:
+            e.show()
+        sys.exit(e.exit_code)
+    if isinstance(code, int) and code:      # ctx.exit(code) without standalone mode
+        sys.exit(code)
+
+
 if __name__ == '__main__':
-    main()
+    run_main()

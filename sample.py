@@ -151,6 +151,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
     solve_opts = {k: settings[k] for k in ('solver', 'num_steps', 'schedule_type', 'schedule_rho', 'afs',
                                            'denoise_to_zero', 'max_order', 'predict_x0', 'lower_order_final',
                                            'variant', 'sigma_min', 'sigma_max', 'eta') if k in settings}
+    solve_opts.update({k: settings[k] for k in solvers.stochastic.OPTION_USERS if k in settings})
     if predictor is not None:
         sigmas = predictor.schedule(net)
     elif settings.get('t_steps'):
@@ -160,7 +161,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                                       settings.get('sigma_max') or net.sigma_max, settings['schedule_type'],
                                       settings['schedule_rho'], net=net)
     handle = guard_finite(net, sigmas)
-    counted_rows = counted_calls = counted_images = counted_batches = 0
+    counted_rows = counted_calls = counted_images = counted_batches = counted_jvp_rows = 0
     start = time.time()
     bar = tqdm.tqdm(total=sum(len(c) for c in chunks) * world, unit='img', disable=(rank != 0 or not progress),
                     file=sys.stdout, dynamic_ncols=True)
@@ -176,6 +177,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
                     x = solvers.sample(net, latents, cond=cond, predictor=predictor, noise=noise, **solve_opts)
                     images = net.decode(x)
                 counted_rows += counter.rows
+                counted_jvp_rows += counter.jvp_rows
                 counted_calls += counter.calls
                 counted_images += len(part)
                 counted_batches += 1
@@ -191,9 +193,11 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
         handle.remove()
         bar.close()
     wall = time.time() - start
-    stats = torch.tensor([counted_rows, counted_calls, counted_images, counted_batches], dtype=torch.float64)
-    rows, calls, images, batches = dist.all_reduce_sum(stats).tolist()
+    stats = torch.tensor([counted_rows, counted_calls, counted_images, counted_batches, counted_jvp_rows],
+                         dtype=torch.float64)
+    rows, calls, images, batches, jvp_rows = dist.all_reduce_sum(stats).tolist()
     return dict(images=int(images), skipped=len(seeds) - len(todo), nfe_per_image=rows / images if images else None,
+                jvp_per_image=jvp_rows / images if images else None,
                 sequential_rounds=calls / batches if images else None, wall_s=wall,
                 images_per_s=images / wall if wall > 0 and images else None)
 
@@ -313,13 +317,14 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--dataset_name', metavar='NAME|YAML', default=None, help=f'Dataset config (configs/NAME.yaml or a YAML path) [default: the predictor\'s, else {configs.DEFAULT_DATASET}]')
 @click.option('--model_path', metavar='PATH|URL|python:MOD:FN', default=None, help='Override the config\'s model source')
 @click.option('--classifier_path', metavar='PATH|URL', default=None, help='Noise-aware classifier for --guidance_type=cg (family adm) [default: the config\'s]')
+@click.option('--network', metavar='PKL', default=None, help='2nd-SED\'s generate.py spelling: an EDM pickle (= --model_path; without --dataset_name read as family edm, float64, default solver sed_ref)')
 @click.option('--predictor_path', metavar='PATH|INT', default=None, help='Trained predictor: folder, file or experiment number')
 @click.option('--sampler_stu', '--solver', 'solver', metavar='NAME', default=None,
               help=f'Solver when no predictor is given: {", ".join(sorted(solvers.SOLVERS))}')
-@click.option('--num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Time points (num_steps - 1 steps)')
+@click.option('--num_steps', '--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Time points (num_steps - 1 steps); --steps is the seed generate.py\'s spelling')
 @click.option('--t_steps', metavar='LIST', default=None, help='Explicit decreasing grid, e.g. "[80,10.98,3.88,1.58,0.57,0.17,0.002]" (sets num_steps and the sigma range)')
 @click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule')
-@click.option('--schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent')
+@click.option('--schedule_rho', '--rho', 'schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent')
 @click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='Lowest noise level [default: the model\'s]')
 @click.option('--sigma_max', metavar='FLOAT', type=float, default=None, help='Highest noise level [default: the model\'s]')
 @click.option('--afs', metavar='BOOL', type=bool, default=None, help='Analytical first step (saves one NFE)')
@@ -345,12 +350,20 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
 @click.option('--timesteps', metavar='INT', type=click.IntRange(min=1), default=None, help='Steps (the seed\'s name): num_steps = timesteps + 1')
 @click.option('--num_samples', metavar='INT', type=click.IntRange(min=1), default=None, help='Seeds 0..N-1 (replaces --seeds)')
 @click.option('--eta', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Solver ddim: stochasticity (0 = Euler, 1 = ancestral); noise drawn per seed')
+@click.option('--S_churn', 'S_churn', metavar='FLOAT', type=float, default=None, help='edm_sde: churn (EDM Algorithm 2) [default: 0]')
+@click.option('--S_min', 'S_min', metavar='FLOAT', type=float, default=None, help='edm_sde: churn from this sigma [default: 0]')
+@click.option('--S_max', 'S_max', metavar='FLOAT', type=float, default=None, help='edm_sde: churn up to this sigma; sed_ref: second-order branch above it [default: inf]')
+@click.option('--S_noise', 'S_noise', metavar='FLOAT', type=float, default=None, help='edm_sde: churn noise scale [default: 1]')
+@click.option('--randn_like', metavar='db|ddb', type=click.Choice(['db', 'ddb']), default=None, help='sed2/sed_ref: Brownian increment only (db) or with its time integral (ddb) [default: sed2 ddb, sed_ref db]')
+@click.option('--beta', metavar='FLOAT', type=float, default=None, help='euler_maruyama/sed2: Langevin rate of the reverse SDE (0 = the ODE) [default: 1]')
+@click.option('--drift', metavar='lagged|fresh', type=click.Choice(['lagged', 'fresh']), default=None, help='sed2: drift in the JVP tangent, the previous step\'s (1 call a step) or a fresh call (2) [default: lagged]')
+@click.option('--jvp', metavar='auto|jvp|fd', type=click.Choice(['auto', 'jvp', 'fd']), default=None, help='sed2/sed_ref: forward-mode JVP or a finite difference (one extra evaluation) [default: auto]')
 @click.option('--parallel', metavar='taa|picard', type=click.Choice(par.PARALLEL_METHODS), default=None, help='Parallel-in-time solving (ParaTAA, Picard/ParaDiGMS) [default: sequential]')
 @click.option('--window_size', metavar='INT', type=int, default=None, help='Parallel: unknowns updated per iteration [default: all]')
 @click.option('--order', metavar='INT', type=int, default=None, help='Parallel: equations reach this many evaluations back [default: the window]')
 @click.option('--memory_size', metavar='INT', type=int, default=None, help='Parallel: Anderson history (1 = none) [default: 2 for taa]')
 @click.option('--max_steps', metavar='INT', type=int, default=None, help='Parallel: cap on the iterations [default: the sequential evaluations]')
-@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel, --stop=residual: per-step residual tolerance (RMS, VP units) [default: 1e-4]')
+@click.option('--tol', metavar='FLOAT', type=float, default=None, help='Parallel: per-step residual tolerance (RMS, VP units; --stop=final: only while a shorter window slides) [default: 1e-4]')
 @click.option('--stop', metavar='final|residual', type=click.Choice(par.STOP_RULES), default='final', help='Parallel stopping rule: final = error estimate of the output, residual = per-step (the references\')')
 @click.option('--final_tol', metavar='FLOAT', type=float, default=par.FINAL_TOL, help='Parallel, --stop=final: bound on the output\'s RMS error estimate (VP units)')
 @click.option('--save_iterates', metavar='BOOL', type=bool, default=False, help='Parallel: save each iteration\'s output estimate (iterates/SEED/K.png)')
@@ -361,7 +374,8 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
          sigma_max, afs, denoise_to_zero, max_order, predict_x0, lower_order_final, variant, guidance_type,
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
          dtype, device, timesteps, num_samples, eta, parallel, window_size, order, memory_size, max_steps, tol, stop,
-         final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps, classifier_path):
+         final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps, network, S_churn, S_min, S_max,
+         S_noise, randn_like, beta, drift, jvp, classifier_path):
     """Generate images: any solver, any model, any number of torchrun workers.
 
     \b
@@ -371,7 +385,7 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
     try:
         run(**locals())
     except (UsageError, ValueError, models.ModelError, NonFiniteError, OSError) as e:
-        print(f'sample.py: error: {e}', file=sys.stderr)
+        dist.report_error('sample.py', e, same_everywhere=not isinstance(e, (NonFiniteError, OSError)))
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
@@ -382,7 +396,16 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
         dtype, device, timesteps=None, num_samples=None, eta=None, parallel=None, window_size=None, order=None,
         memory_size=None, max_steps=None, tol=None, stop='final', final_tol=par.FINAL_TOL, save_iterates=False,
-        save_trajectory=False, init_trajectory=None, variation_steps=None, classifier_path=None):
+        save_trajectory=False, init_trajectory=None, variation_steps=None, network=None, S_churn=None, S_min=None,
+        S_max=None, S_noise=None, randn_like=None, beta=None, drift=None, jvp=None, classifier_path=None):
+    stochastic_given = {k: v for k, v in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                                              randn_like=randn_like, beta=beta, drift=drift, jvp=jvp).items()
+                        if v is not None}
+    seed_style = network is not None or randn_like is not None
+    if network is not None:
+        if model_path is not None:
+            raise UsageError(f"--network={network} and --model_path={model_path} name the same thing; give one")
+        model_path = network
     if num_samples is not None:
         seeds = f'0-{num_samples - 1}'
     if timesteps is not None:
@@ -416,9 +439,17 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                              f"{cfg['dataset_name']!r}; drop --dataset_name or use a predictor trained for it")
         guidance_type = guidance_type or meta.get('guidance_type')
         guidance_rate = guidance_rate or meta.get('guidance_rate')
+    elif network is not None and dataset_name is None:
+        # The seed's generate.py reads EDM pickles, samples in float64 over EDM's sigma range 0.002-80.
+        cfg = dict(dataset_name='edm', model=dict(family='edm', sigma_min=0.002, sigma_max=80.0),
+                   sample=dict(dtype='float64'))
     else:
         cfg = configs.load_config(dataset_name or configs.DEFAULT_DATASET)
     dataset_name = cfg['dataset_name']
+    if solver is None and predictor is None and seed_style:
+        solver = 'sed_ref'    # the seed's command line (--network, --randn_like) runs its own sampler
+        dist.print0('--network/--randn_like without --sampler_stu: sampling with sed_ref (2nd-SED as its reference '
+                    'code does it)')
     overrides = dict(solver=solver, num_steps=num_steps, schedule_type=schedule_type, schedule_rho=schedule_rho,
                      sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, denoise_to_zero=denoise_to_zero,
                      max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
@@ -428,6 +459,11 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         overrides.update(t_steps=t_grid, num_steps=len(t_grid), sigma_max=t_grid[0], sigma_min=t_grid[-1])
     settings = resolve_settings(cfg, overrides)
     if predictor is None:
+        unused = solvers.stochastic.unused_option(settings['solver'], stochastic_given)
+        if unused:
+            raise UsageError(unused[1])
+        # the sampler's options as it runs them (defaults filled in), so the folder's recorded settings see them
+        settings.update(solvers.stochastic.option_defaults(settings['solver']), **stochastic_given)
         solvers.check_options(**settings)
         if settings.get('eta') and settings['solver'] != 'ddim':
             raise UsageError(f"--eta={eta} is for --solver=ddim (stochastic DDIM); {settings['solver']} is "
@@ -436,6 +472,9 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         if t_steps is not None:
             raise UsageError(f"--t_steps does not apply with --predictor_path={predictor_path} (the predictor has "
                              "its own grid); drop it")
+        if stochastic_given:
+            raise UsageError(f"--{next(iter(stochastic_given))} does not apply with --predictor_path="
+                             f"{predictor_path} (a predictor runs its own deterministic solver); drop it")
         check_predictor_options(predictor, {k: v for k, v in overrides.items() if v is not None and k != 'dtype'},
                                 predictor_path)
     # Rank 0 loads (and may download) first, the others wait, then load from the cache.
@@ -448,6 +487,9 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                                     or settings['t_steps'][-1] < net.sigma_min * (1 - 1e-9)):
         raise UsageError(f"--t_steps runs from {settings['t_steps'][0]:g} to {settings['t_steps'][-1]:g}, outside "
                          f"the model's sigma range {net.sigma_max:g} to {net.sigma_min:g}; give a grid inside it")
+    if predictor is None and settings.get('jvp') == 'jvp' and not net.forward_ad:
+        raise UsageError(f"--jvp=jvp: the model of {dataset_name} cannot give a forward-mode JVP (its forward "
+                         "differentiates internally, e.g. classifier guidance); use --jvp=fd or --jvp=auto")
     if predictor is None:   # the sigma range again, now with the model's own ends
         solvers.check_options(**dict(settings, sigma_min=settings.get('sigma_min') or net.sigma_min,
                                      sigma_max=settings.get('sigma_max') or net.sigma_max))
@@ -473,7 +515,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
         scheme = par.solver_scheme(net, predictor=predictor, **opts)
         if tol is None:
-            tol = 0.0 if stop == 'final' else 1e-4
+            tol = 1e-4
         if memory_size is None:
             memory_size = 2 if parallel == 'taa' else 1
         parallel_opts = dict(method=parallel, window_size=window_size, order=order, memory_size=memory_size,
@@ -508,6 +550,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             name = f"{predictor.kind}-{name}_{image_settings['predictor']}"
         outdir = os.path.join('samples', dataset_name, name + (f'_{parallel}' if parallel else ''))
     check_outdir(outdir, image_settings)
+    problem = None
     if dist.get_rank() == 0:
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -515,7 +558,11 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
             open(probe, 'w').close()
             os.unlink(probe)
         except OSError as e:
-            raise UsageError(f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder")
+            problem = f"cannot write to --outdir={outdir} ({e.strerror}); choose a writable folder"
+    problem = dist.broadcast_object(problem)        # every worker stops on it, none waits for rank 0 in vain
+    if problem:
+        raise UsageError(problem)
+    if dist.get_rank() == 0:
         options = dict(dataset_name=dataset_name, model_path=model_path, classifier_path=classifier_path,
                        predictor_path=predictor_path,
                        seeds=seeds, batch=batch, settings=settings, images=image_settings)
@@ -540,8 +587,13 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
                       f"residual at stop: {p['residual_max']:.3g} (largest first-order RMS residual, VP units)",
                       f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
         elif summary['images']:
-            lines += [f"NFE per image: {summary['nfe_per_image']:g} (sequential rounds: "
-                      f"{summary['sequential_rounds']:g})",
+            jvp = summary.get('jvp_per_image')
+            split = (f"{summary['nfe_per_image'] - jvp:g} plain calls + {jvp:g} forward-mode JVP passes, each "
+                     "costing about 1.5-3 plain calls; " if jvp else '')
+            rows = net.rows_per_eval
+            lines += [f"NFE per image: {summary['nfe_per_image']:g} ({split}sequential rounds: "
+                      f"{summary['sequential_rounds']:g}" + (f"; classifier-free guidance: {rows} network rows per "
+                      f"evaluation, {rows * summary['nfe_per_image']:g} per image)" if rows > 1 else ")"),
                       f"wall time: {summary['wall_s']:.2f} s, {summary['images_per_s']:.1f} images/s"]
         lines.append(f'images in: {outdir}')
         if grid_path:

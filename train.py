@@ -36,7 +36,7 @@ STATS_FILE = 'stats.jsonl'
 
 # Options a dataset config's `train:` section may set; the command line overrides both.
 TRAIN_DEFAULTS = dict(sampler_stu='epd', sampler_tea='dpm', num_steps=4, M=3, num_points=2, afs=True, scale_dir=0.05,
-                      scale_time=0.05, fcn=False, loss='inception', alpha=10.0, schedule_type='polynomial',
+                      scale_time=0.05, fcn=False, loss=None, alpha=10.0, schedule_type='polynomial',
                       schedule_rho=7.0, predict_x0=True, lower_order_final=True, prompt_path=None, batch=64,
                       total_kimg=10.0, lr=0.01, coslr=False, dtype='float32')
 
@@ -61,6 +61,16 @@ def resolve_options(cfg, given, plugin='epd'):
     opts.update(per_kind.get(predictor_kind(given.get('sampler_stu', opts['sampler_stu']), plugin), {}))
     opts.update(given)
     return opts
+
+
+def default_loss(cfg, net, model_path=None):
+    """The objective when neither the command line nor the config names one: the seeds' Inception-feature loss for
+    RGB image models; the final RMSE for the analytic models (exact, and offline: no detector weights to fetch) and
+    for samples that are not RGB images, where Inception features mean nothing."""
+    analytic = cfg['model'].get('family') == 'analytic' and not str(model_path or '').startswith('python:')
+    shape = tuple(net.sample_shape)
+    rgb = len(shape) == 3 and (net.image_channels or shape[0]) == 3      # decode() gives RGB images
+    return 'inception' if rgb and not analytic else 'rmse'
 
 
 def predictor_kind(sampler_stu, plugin):
@@ -194,7 +204,7 @@ class Logger:
 @click.option('--scale_dir', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=None, help='Direction scale range [1-s, 1+s] [default: 0.05]')
 @click.option('--scale_time', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=None, help='Time scale range [1-s, 1+s] [default: 0.05]')
 @click.option('--fcn', metavar='BOOL', type=bool, default=None, help='EPD: no direction scale on the final step [default: False]')
-@click.option('--loss', metavar='l2|inception|rmse', type=click.Choice(['l2', 'inception', 'rmse']), default=None, help='Objective: per-step L2, final Inception features, final RMSE [default: inception]')
+@click.option('--loss', metavar='l2|inception|rmse', type=click.Choice(['l2', 'inception', 'rmse']), default=None, help='Objective: per-step L2, final Inception features, final RMSE [default: inception for RGB image models, rmse for analytic ones and other shapes]')
 @click.option('--alpha', metavar='FLOAT', type=float, default=None, help='Weight of the Inception-feature loss [default: 10]')
 @click.option('--inception_path', metavar='PATH', default=None, help='Inception-v3 detector for --loss=inception')
 @click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule [default: polynomial]')
@@ -239,7 +249,7 @@ def main(**kwargs):
             kwargs = resume_options(kwargs, explicit)
         run(**kwargs)
     except (UsageError, ValueError, models.ModelError, OSError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
+        dist.report_error('train.py', e, same_everywhere=not isinstance(e, OSError))
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
@@ -270,6 +280,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
     net = load_model(cfg, model_path, device, guidance_type, guidance_rate, classifier_path)
+    if loss is None:
+        loss = default_loss(cfg, net, model_path)
     kind = predictor_kind(sampler_stu, plugin)
     settings = dict(predictor=kind, dataset_name=cfg['dataset_name'], sampler_stu=sampler_stu, sampler_tea=sampler_tea,
                     num_steps=num_steps, M=M, num_points=num_points if kind == 'epd' else 1, afs=afs,
@@ -301,7 +313,12 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
             raise UsageError('--loss=inception needs the Inception-v3 detector, and none is available offline: '
                              + missing_detector_message(path or 'inception-2015-12-05.pkl')
                              + ' (or train with --loss=l2)')
-        feature_net = load_inception(path, device=device)
+        from models.inception import DetectorError
+        try:
+            feature_net = load_inception(path, device=device)
+        except DetectorError as e:
+            raise UsageError(f'--inception_path={path}: {e} (give the Inception-v3 detector, or train with '
+                             '--loss=l2 or --loss=rmse)') from None
     nfe = 2 * (num_steps - 1) - int(afs)
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-afs' if afs else '') + (f'-{desc}' if desc else '')
@@ -324,7 +341,15 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                                  f"which is now {now.get(key)!r} (has the model or its config changed?); start a new "
                                  "run")
     else:
-        run_dir = dist.broadcast_object(next_run_dir(outdir, name) if rank == 0 else None)
+        run_dir = problem = None
+        if rank == 0:
+            try:
+                run_dir = next_run_dir(outdir, name)
+            except OSError as e:
+                problem = f"cannot create a run folder in --outdir={outdir} ({e.strerror}); choose a writable folder"
+        run_dir, problem = dist.broadcast_object((run_dir, problem))    # every worker stops on a problem
+        if problem:
+            raise UsageError(problem)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if resume is None:

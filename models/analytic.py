@@ -161,6 +161,10 @@ class ConditionalMixture(GaussianMixture):
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.label_dim)]
 
     @property
+    def rows_per_eval(self):
+        return 2 if self.guidance_type == 'cfg' and self.guidance_rate != 1 else 1
+
+    @property
     def forward_ad(self):
         # classifier guidance calls torch.autograd.grad inside forward, which forward-mode AD cannot go through
         return not (self.guidance_type == 'cg' and self.guidance_rate != 0)

@@ -30,6 +30,12 @@ class Denoiser(torch.nn.Module):
     image_channels = None    # channels of decode()'s images when they differ from sample_shape (latent models)
     forward_ad = True
 
+    @property
+    def rows_per_eval(self):
+        """Network rows one evaluation of one sample costs: 2 under classifier-free guidance (the conditional and
+        unconditional halves of one batched call), else 1. NFE counts evaluations; rows count network work."""
+        return 1
+
     def denoise(self, x, sigma, cond=None):
         raise NotImplementedError
 

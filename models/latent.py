@@ -115,6 +115,10 @@ class LatentDenoiser(Denoiser):
     def cfg_active(self):
         return self.guidance_type == 'cfg' and self.guidance_rate != 1
 
+    @property
+    def rows_per_eval(self):
+        return 2 if self.cfg_active else 1
+
     # -- evaluation --------------------------------------------------------------------------------------------
     def denoise(self, x, sigma, cond=None):
         guided = self.cfg_active

@@ -32,8 +32,10 @@ Stopping rules (per image; images that stop leave the batched call):
   frozen start advances to the first unconverged unknown (it received a plain update from converged inputs).
   A per-step tolerance does not bound the final error: a small frozen error can flip the image into another
   mode of the data.
-- 'final' (the default): the frozen start advances only by what the triangular structure makes exact (one
-  unknown per iteration, or to the first unknown whose residual is not exactly 0), and the image stops when the
+- 'final' (the default): once the window reaches the output, the frozen start advances only by what the
+  triangular structure makes exact (one unknown per iteration, or to the first unknown whose residual is not
+  exactly 0; while a shorter window slides towards the output it advances by the per-step rule with tol, else a
+  window of W would take M - W rounds to get there), and the image stops when the
   window reaches the output and the a-posteriori error estimate c_i q / (1 - q) is at most final_tol in two
   consecutive iterations; c_i is the RMS change a plain update of the output would make (its cumulative equation
   from the frozen start through the current denoiser values, VP units) and q = c_i / c_{i-1} < 1; the output is
@@ -160,7 +162,7 @@ def trace_scheme(run, net, out_level):
 # -- options ---------------------------------------------------------------------------------------------------
 
 def check_parallel_options(method, num_evals, window_size=None, order=None, memory_size=None, max_steps=None,
-                           tol=1e-3, stop='final', final_tol=FINAL_TOL, lmd=1e-3):
+                           tol=1e-4, stop='final', final_tol=FINAL_TOL, lmd=1e-3):
     """Raise ValueError naming the bad option and what is allowed."""
     if method not in PARALLEL_METHODS:
         raise ValueError(f"unknown parallel method {method!r}; allowed: {', '.join(PARALLEL_METHODS)}")
@@ -204,7 +206,7 @@ def evaluate_all(call, rows):
 # -- the solver ------------------------------------------------------------------------------------------------
 
 def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', window_size=None, order=None,
-                   memory_size=None, max_steps=None, tol=1e-3, stop='final', final_tol=FINAL_TOL, lmd=1e-3,
+                   memory_size=None, max_steps=None, tol=1e-4, stop='final', final_tol=FINAL_TOL, lmd=1e-3,
                    return_iterates=False, init_trajectory=None, variation_steps=None, evaluate=evaluate_all,
                    guard=GUARD):
     """Solve `scheme` (from trace_scheme) from unit latents [B, ...] by fixed-point iteration.
@@ -328,8 +330,8 @@ def solve_parallel(net, scheme, latents, cond=None, noise=None, method='taa', wi
         # First unconverged unknown per image (the end of the window if none).
         if stop == 'residual':
             bad = upd & (r1 > tol)
-        else:
-            bad = upd & (r1 > 0)
+        else:       # sliding (the window short of the output): the per-step rule; then only exactness
+            bad = upd & (r1 > torch.where(end < M, tol, 0.0)[None])
         first_bad = torch.where(bad.any(0), torch.where(bad, m_idx[:, None], M + 1).min(0).values, end)
         # Residual at stop: the largest among the unknowns accepted as converged (before the first unconverged
         # one, which gets a plain update from them), or the window's largest if none was.

@@ -318,3 +318,32 @@ def check_options(solver, S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.
         raise ValueError(f"unknown jvp mode {jvp!r}; allowed: {', '.join(JVP_MODES)}")
     if solver == 'sed_ref' and S_max < float('inf') and randn_like != 'ddb':
         raise ValueError("sed_ref's second-order branch (S_max < inf) needs randn_like=ddb (it uses dZ)")
+
+
+# The stochastic-sampler options and the samplers that use them: sample.py refuses an option a sampler does not
+# use (an ODE solver uses none), rather than ignore it.
+OPTION_USERS = {'S_churn': ('edm_sde',), 'S_min': ('edm_sde',), 'S_max': ('edm_sde', 'sed_ref'),
+                'S_noise': ('edm_sde',), 'beta': ('euler_maruyama', 'sed2'), 'randn_like': ('sed2', 'sed_ref'),
+                'drift': ('sed2',), 'jvp': ('sed2', 'sed_ref')}
+SAMPLERS = {'edm_sde': edm_sde, 'euler_maruyama': euler_maruyama, 'sed2': sed2, 'sed_ref': sed_ref}
+
+
+def option_defaults(solver):
+    """{option: default} of the OPTION_USERS options that `solver` takes ({} for the others)."""
+    import inspect
+    if solver not in SAMPLERS:
+        return {}
+    params = inspect.signature(SAMPLERS[solver]).parameters
+    return {name: params[name].default for name, users in OPTION_USERS.items() if solver in users}
+
+
+def unused_option(solver, given):
+    """The first option in `given` (names of options set) that `solver` does not use, with a one-line reason;
+    None if all apply."""
+    for name in given:
+        users = OPTION_USERS[name]
+        if solver not in users:
+            kind = 'a stochastic sampler' if solver in SAMPLERS else 'a deterministic ODE solver'
+            return name, (f"--{name} applies to {', '.join(users)} only; {solver} is {kind} that does not use it: "
+                          f"drop --{name} or choose --sampler_stu={users[0]}")
+    return None

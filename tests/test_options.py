@@ -209,3 +209,21 @@ def test_launch_checks_its_variables_before_setting_up(tmp_path):
                               text=True, timeout=30)
         assert proc.returncode != 0 and f'set {variable}=' in proc.stderr, proc.stderr
         assert not (tmp_path / 'venv').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script,args', [
+    ('sample.py', ['--sampler_stu=nope', '--seeds=0-3']),                           # refused by every worker alike
+    ('sample.py', ['--seeds=0-3', '--outdir={blocked}/samples']),                   # found by rank 0 only
+    ('train.py', ['--loss=l2', '--total_kimg=0.004', '--batch=4', '--outdir={blocked}/exps']),
+])
+def test_torchrun_prints_an_error_once_and_every_worker_stops(tmp_path, script, args):
+    from tests.conftest import run_cli as run_subprocess
+    (tmp_path / 'file').write_text('')
+    args = [a.format(blocked=tmp_path / 'file') for a in args]
+    proc = run_subprocess([script, *args], nproc=2, check=False, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if f'{script}: error' in line]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    # no worker's traceback (torchrun's own report of the failed workers follows, as for any failed run)
+    import re
+    assert '[rank1]' not in proc.stderr and not re.search(r'File "[^"]*/(sample|train)\.py"', proc.stderr), proc.stderr

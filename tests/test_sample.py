@@ -196,3 +196,14 @@ def test_sde_sampler_images_do_not_depend_on_the_batch(tmp_path, solver):
         one, three = (tmp_path / 'b1' / name).read_bytes(), (tmp_path / 'b3' / name).read_bytes()
         assert one == three
         assert one != (tmp_path / 'ode' / name).read_bytes()
+
+
+def test_summary_counts_the_network_rows_of_classifier_free_guidance(tmp_path):
+    """NFE counts evaluations; under CFG each is one batched call on the conditional and unconditional halves, so
+    the summary also gives the network rows per image (what the compute is)."""
+    common = ['sample.py', '--dataset_name=gmm_digits', '--sampler_stu=euler', '--num_steps=6', '--seeds=0-1']
+    guided = run_cli(common + ['--guidance_type=cfg', '--guidance_rate=2', f'--outdir={tmp_path / "g"}']).stdout
+    assert 'NFE per image: 5 (sequential rounds: 5; classifier-free guidance: 2 network rows per evaluation, ' \
+           '10 per image)' in guided, guided
+    plain = run_cli(common + [f'--outdir={tmp_path / "c"}']).stdout
+    assert 'NFE per image: 5 (sequential rounds: 5)' in plain, plain

@@ -246,3 +246,203 @@ def test_sed_ref_is_first_order(options):
         assert errs[-1] > 2 * euler[0]
     else:
         assert errs[-1] == pytest.approx(euler[0], rel=0.05)
+
+
+# -- directional derivatives of the denoiser ------------------------------------------------------------------
+
+def mixture_jvp_closed_form(model, x, sigma, v_x, v_sigma):
+    """J_x D v_x + d_sigma D v_sigma of a Gaussian mixture's exact denoiser, from dense per-component matrices:
+    with S_k = Sigma_k + sigma^2 I, m_k = mu_k + Sigma_k S_k^-1 (x - mu_k) and responsibilities r_k = softmax(l_k),
+    l_k = log w_k + log N(x; mu_k, S_k): dD = sum_k dr_k m_k + r_k dm_k, dr_k = r_k (dl_k - sum_j r_j dl_j),
+    dl_k = -(S_k^-1 (x - mu_k)) . v_x + sigma (|S_k^-1 (x - mu_k)|^2 - tr S_k^-1) v_sigma,
+    dm_k = Sigma_k S_k^-1 v_x - 2 sigma Sigma_k S_k^-2 (x - mu_k) v_sigma. One image at a time, float64."""
+    K, d, _ = model.bases.shape
+    out = []
+    for b in range(x.shape[0]):
+        xb, vb, s, vs = x[b].reshape(d), v_x[b].reshape(d), float(sigma[b]), float(v_sigma[b])
+        logl, means, dl, dm = [], [], [], []
+        for k in range(K):
+            U = model.bases[k]
+            Sig = (U * model.eigvals[k]) @ U.T + model.iso_vars[k] * torch.eye(d, dtype=F64)
+            S_inv = torch.linalg.inv(Sig + s ** 2 * torch.eye(d, dtype=F64))
+            r = xb - model.means[k]
+            g = S_inv @ r
+            logl.append(model.log_weights[k] - 0.5 * (r @ g + torch.logdet(Sig + s ** 2 * torch.eye(d, dtype=F64))))
+            means.append(model.means[k] + Sig @ g)
+            dl.append(-g @ vb + s * (g @ g - torch.trace(S_inv)) * vs)
+            dm.append(Sig @ S_inv @ vb - 2 * s * Sig @ S_inv @ g * vs)
+        resp = torch.softmax(torch.stack(logl), 0)
+        dl = torch.stack(dl)
+        dr = resp * (dl - (resp * dl).sum())
+        out.append(sum(dr[k] * means[k] + resp[k] * dm[k] for k in range(K)).reshape(x.shape[1:]))
+    return torch.stack(out)
+
+
+def tangents(shape, batch, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=g, dtype=dtype)
+    v_x = torch.randn(batch, *shape, generator=g, dtype=dtype)
+    sigma = torch.tensor([0.05, 0.7, 3.0][:batch], dtype=dtype)
+    v_sigma = torch.tensor([0.4, -0.3, 1.1][:batch], dtype=dtype)
+    return x, sigma, v_x, v_sigma
+
+
+def single_gaussian_mixture():
+    model = gaussian('lowrank')
+    return GaussianMixture(model.mu[None], model.Q[:, :2][None], (model.lam[:2] - 0.05)[None],
+                           torch.tensor([0.05], dtype=F64), torch.ones(1, dtype=F64), (1, 2, 3), name='gauss')
+
+
+@pytest.mark.parametrize('build', [single_gaussian_mixture, planar_mixture,
+                                   lambda: image_mixture(num_components=3, rank=2, size=4)])
+def test_jvp_of_the_analytic_models_matches_the_closed_form(build):
+    model = build()
+    x, sigma, v_x, v_sigma = tangents(model.sample_shape, 3)
+    x = x * 1.5 + model.data_mean().reshape(model.sample_shape)
+    expect = mixture_jvp_closed_form(model, x, sigma, v_x, v_sigma)
+    D, J = stochastic.denoiser_jvp(model, x, sigma, None, v_x, v_sigma, 'jvp')
+    torch.testing.assert_close(D, model(x, sigma), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(J, expect, rtol=1e-9, atol=1e-9)
+    # the forward difference (step ~ sqrt(float32 eps)) is first order: ~1e-2 where responsibilities switch fast
+    _, J_fd = stochastic.denoiser_jvp(model, x, sigma, None, v_x, v_sigma, 'fd')
+    assert float((J_fd - expect).norm() / expect.norm()) < 2e-2
+
+
+def test_jvp_of_the_single_gaussian_is_its_affine_map():
+    """D = mu + K (x - mu), K = Sigma S^-1: J_x D v = K v and d_sigma D = -2 sigma Sigma S^-2 (x - mu)."""
+    model = gaussian('lowrank')
+    x, sigma, v_x, v_sigma = tangents(model.sample_shape, 3)
+    _, J = stochastic.denoiser_jvp(model, x, sigma, None, v_x, v_sigma, 'jvp')
+    eye = torch.eye(D_DIM, dtype=F64)
+    for b in range(3):
+        S_inv = torch.linalg.inv(model.covariance + sigma[b] ** 2 * eye)
+        K = model.covariance @ S_inv
+        expect = K @ v_x[b].reshape(-1) - 2 * sigma[b] * K @ S_inv @ (x[b].reshape(-1) - model.mu) * v_sigma[b]
+        torch.testing.assert_close(J[b].reshape(-1), expect, rtol=1e-12, atol=1e-12)
+
+
+def _adm_denoiser(tmp_path):
+    from tests.test_models_pixel import ADM_ARCH, _adm_unet
+    import models
+    unet = _adm_unet(num_classes=None, learn_sigma=True, image_size=8)
+    torch.save(unet.state_dict(), tmp_path / 'adm.pt')
+    return models.load_denoiser(model_path=str(tmp_path / 'adm.pt'), family='adm',
+                                **dict(ADM_ARCH, image_size=8, attention_resolutions='4')), None
+
+
+def _edm_denoiser(tmp_path):
+    import models
+    from tests.helpers_models import write_edm_pickle
+    return models.load_denoiser(model_path=write_edm_pickle(tmp_path / 'edm.pkl'), family='edm'), None
+
+
+def _diffusers_denoiser(family):
+    def build(tmp_path):
+        import models
+        from tests.test_models_latent import BUILDERS, TINY_OPTIONS
+        den = models.load_denoiser(model_path=BUILDERS[family](str(tmp_path / family)), family=family,
+                                   **TINY_OPTIONS[family])
+        cond = den.encode_prompts(['a red square']) if getattr(den, 'prompt_keys', None) else None
+        if den.label_dim:
+            cond = torch.nn.functional.one_hot(torch.tensor([3]), den.label_dim).float()
+        return den, cond
+    return build
+
+
+NETWORKS = {'edm': _edm_denoiser, 'adm': _adm_denoiser,
+            'ldm': _diffusers_denoiser('ldm'), 'sd': _diffusers_denoiser('sd'), 'dit': _diffusers_denoiser('dit')}
+
+
+@pytest.mark.parametrize('family', [pytest.param(f, marks=pytest.mark.slow) if f in ('ldm', 'sd', 'dit') else f
+                                    for f in NETWORKS])
+def test_jvp_through_the_network_families(family, tmp_path):
+    """Forward-mode AD through tiny EDM (SongUNet with attention), ADM (attention at 4x4), diffusers UNet2DModel
+    (attention blocks), UNet2DConditionModel (cross-attention) and DiT: the JVP equals J @ v from
+    torch.func.jacfwd, and a central difference (independent of denoiser_jvp's forward difference, which is
+    checked too at its accuracy, about sqrt(float32 eps))."""
+    torch.manual_seed(0)
+    net, cond = NETWORKS[family](tmp_path)
+    shape = net.sample_shape
+    x, sigma, v_x, v_sigma = (t[1:2] for t in tangents(shape, 2, dtype=torch.float32))   # sigma = 0.7
+    D, J = stochastic.denoiser_jvp(net, x, sigma, cond, v_x, v_sigma, 'jvp')
+    with torch.no_grad():
+        torch.testing.assert_close(D, net(x, sigma, cond), rtol=1e-5, atol=1e-5)
+    with stochastic._sdpa_math():
+        Jx, Js = torch.func.jacfwd(lambda a, s: net(a, s, cond), argnums=(0, 1))(x, sigma)
+    n = x.numel()
+    expect = (Jx.reshape(n, n) @ v_x.reshape(n) + Js.reshape(n) * v_sigma).reshape(x.shape)
+    rel = lambda a: float((a - J).norm() / J.norm())
+    assert rel(expect) < 1e-4
+    t = 1e-3   # small: discrete-time models interpolate their timestep piecewise-linearly in sigma
+    with torch.no_grad():
+        central = (net(x + t * v_x, sigma + t * v_sigma, cond) - net(x - t * v_x, sigma - t * v_sigma, cond)) / (2 * t)
+    assert rel(central) < 5e-3
+    _, J_fd = stochastic.denoiser_jvp(net, x, sigma, cond, v_x, v_sigma, 'fd')
+    assert rel(J_fd) < 5e-2
+
+
+# -- bad inputs ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('options,match', [(dict(randn_like='dbb'), "unknown randn_like 'dbb'"),
+                                           (dict(S_churn=-1.0), 'S_churn=-1.0 must be >= 0'),
+                                           (dict(S_min=2.0, S_max=1.0), 'S_min=2.0 must be <= S_max=1.0'),
+                                           (dict(beta=-0.5), 'beta=-0.5 must be >= 0'),
+                                           (dict(jvp='reverse'), "unknown jvp mode 'reverse'")])
+def test_bad_options_are_refused_in_one_line(options, match):
+    for solver in ('edm_sde', 'euler_maruyama', 'sed2', 'sed_ref'):
+        with pytest.raises(ValueError, match=match) as err:
+            solvers.check_options(solver, 5, **options)
+        assert '\n' not in str(err.value)
+
+
+class NoForwardAD(Denoiser):
+    """A denoiser whose forward differentiates internally (as classifier guidance does): forward_ad = False."""
+    sample_shape = (1, 2, 3)
+    forward_ad = False
+
+    def denoise(self, x, sigma, cond=None):
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2), None
+
+
+class _Opaque(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0.5
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class OpaqueOp(Denoiser):
+    """Claims forward-mode support but runs an autograd.Function without a jvp rule."""
+    sample_shape = (1, 2, 3)
+
+    def denoise(self, x, sigma, cond=None):
+        return _Opaque.apply(x), None
+
+
+def test_jvp_on_a_model_that_cannot_give_one():
+    from solvers import count_calls
+    x, sigma, v_x, v_sigma = tangents((1, 2, 3), 2)
+    with pytest.raises(ValueError, match="cannot give a forward-mode JVP.*jvp='fd'"):
+        stochastic.denoiser_jvp(NoForwardAD(), x, sigma, None, v_x, v_sigma, 'jvp')
+    with pytest.raises(ValueError, match="not forward-mode differentiable.*jvp='fd'") as err:
+        stochastic.denoiser_jvp(OpaqueOp(), x, sigma, None, v_x, v_sigma, 'jvp')
+    assert '\n' not in str(err.value)
+    with pytest.raises(ValueError, match='not forward-mode differentiable'):
+        solvers.sample(OpaqueOp(), torch.randn(2, 1, 2, 3, dtype=F64), 'sed2', 4, noise=ImageNoise([0, 1]),
+                       jvp='jvp')
+    # auto: the finite difference, one batched call of 2B rows, counted as evaluations and not as a JVP pass
+    net = NoForwardAD()
+    with count_calls(net) as counter:
+        _, J = stochastic.denoiser_jvp(net, x, sigma, None, v_x, v_sigma, 'auto')
+    assert (counter.calls, counter.rows, counter.jvp_calls) == (1, 4, 0)
+    s = sigma.reshape(-1, 1, 1, 1)
+    expect = v_x / (1 + s ** 2) - 2 * s * x / (1 + s ** 2) ** 2 * v_sigma.reshape(-1, 1, 1, 1)
+    assert float((J - expect).norm() / expect.norm()) < 1e-3
+
+
+def test_sed_ref_second_order_branch_needs_ddb():
+    with pytest.raises(ValueError, match='needs randn_like=ddb'):
+        solvers.check_options('sed_ref', 5, randn_like='db', S_max=1.0)

@@ -148,6 +148,32 @@ def test_inception_loss_without_detector_is_a_clear_error(tmp_path):
     assert result.returncode != 0 and '--loss=l2' in result.stderr and 'Traceback' not in result.stderr
 
 
+def test_inception_path_that_is_not_a_detector_is_one_line(tmp_path):
+    (tmp_path / 'not-inception.pkl').write_bytes(b'garbage')
+    args = train_args(tmp_path)
+    args[args.index('--loss=l2')] = '--loss=inception'
+    result = run_cli(args + [f'--inception_path={tmp_path / "not-inception.pkl"}'], check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr
+    assert last.startswith('train.py: error: --inception_path=') and '--loss=rmse' in last, last
+
+
+def test_default_loss_runs_offline_on_analytic_models():
+    """Without --loss or a config loss, analytic models (and samples that are not RGB images) train on the final
+    RMSE, which needs no detector weights; RGB image models keep the seeds' Inception-feature loss."""
+    import configs
+    import train
+    from models.analytic import image_mixture, planar_mixture
+    gmm_2d, cifar10 = configs.load_config('gmm_2d'), configs.load_config('cifar10')
+    assert 'loss' not in gmm_2d['train'] and 'loss' not in cifar10['train']
+    assert train.default_loss(gmm_2d, planar_mixture()) == 'rmse'
+    assert train.default_loss(configs.load_config('gmm_image'), image_mixture()) == 'rmse'
+    assert train.default_loss(cifar10, image_mixture()) == 'inception'          # an RGB image network
+    assert train.default_loss(cifar10, planar_mixture()) == 'rmse'              # not an image
+    result = run_cli(['train.py', '--dataset_name=gmm_2d', '--dry-run'])
+    assert json.loads(result.stdout)['settings']['loss'] == 'rmse'
+
+
 def test_predictor_files_hold_no_code(tmp_path):
     pred = EPDPredictor(epd_settings())
     training.save_predictor(pred, tmp_path)

@@ -6,6 +6,7 @@ creates no process group at all, so it needs no free port and two single-process
 Every helper below works in both cases; with one process the collectives are no-ops.
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,22 @@ def split_evaluate(call, rows):
     world, rank = get_world_size(), get_rank()
     bounds = [rows * r // world for r in range(world + 1)]
     return all_gather(call(bounds[rank], bounds[rank + 1]))
+
+
+def env_rank():
+    """This process's rank under torchrun (from its environment, so it is known before init()), else 0."""
+    return int(os.environ.get('RANK', '0'))
+
+
+def report_error(script, error, same_everywhere=True):
+    """Print the one-line error that stops a run, once. Under torchrun every worker checks the same options and
+    meets the same refusal, so only rank 0 prints it (`same_everywhere`); an error that may be a worker's own (a
+    file it could not write, a NaN in its slice) is printed by every worker that meets it, naming its rank."""
+    rank = env_rank()
+    if rank == 0:
+        print(f'{script}: error: {error}', file=sys.stderr, flush=True)
+    elif not same_everywhere:
+        print(f'{script}: error (rank {rank}): {error}', file=sys.stderr, flush=True)
 
 
 def shutdown():

@@ -48,7 +48,7 @@ STATE_FILE = 'ld3-state.pt'
 # Reference names of the teacher grid (--skip_type) -> (schedule_type, schedule_rho); our names work as well.
 SKIP_TYPES = {'edm': ('polynomial', 7.0), 'logSNR': ('logsnr', 1.0), 'time_uniform': ('time_uniform', 1.0),
               'time_quadratic': ('time_uniform', 2.0)}
-DEFAULTS = dict(solver=None, num_train=50, num_valid=50, main_train_batch_size=10, main_valid_batch_size=50,
+DEFAULTS = dict(solver=None, num_train=100, num_valid=200, main_train_batch_size=10, main_valid_batch_size=200,
                 training_rounds_v1=2, training_rounds_v2=5, loss_type='RMSE', prior_bound=None, win_rate=0.5,
                 lr_time_1=0.05, lr_time_2=0.1, momentum_time_1=0.9, lr_time_decay=0.8, min_lr_time_1=5e-5,
                 min_lr_time_2=1e-6, patient=5, lr2_patient=5, shift_lr=None, shift_lr_decay=0.5, decoupled=True,
@@ -488,10 +488,10 @@ def cli_options(fn):
     import click
     specs = [
         ('--solver', str, 'LD3: the classical ODE solver whose grid is learned'),
-        ('--num_train', int, 'LD3: training pairs [default: 50]'),
-        ('--num_valid', int, 'LD3: validation pairs [default: 50]'),
+        ('--num_train', int, 'LD3: training pairs [default: 100]'),
+        ('--num_valid', int, 'LD3: validation pairs [default: 200]'),
         ('--main_train_batch_size', int, 'LD3: training batch [default: 10]'),
-        ('--main_valid_batch_size', int, 'LD3: validation batch [default: 50]'),
+        ('--main_valid_batch_size', int, 'LD3: validation batch [default: 200]'),
         ('--training_rounds_v1', int, 'LD3: rounds training the grid only [default: 2]'),
         ('--training_rounds_v2', int, 'LD3: rounds training the grid and the decoupled grid [default: 5]'),
         ('--loss_type', str, 'LD3: RMSE, L2, L1 or LPIPS (needs --lpips_path) [default: RMSE]'),

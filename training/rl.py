@@ -775,7 +775,7 @@ def main(config_path, overrides, max_steps, resume, export_dir, select, device, 
         logger(f'RL run in {run_dir}')
         train(cfg, run_dir, dev, resume=resume is not None, log=logger, built=built)
     except (UsageError, ValueError, ModelError, ScorerError, OSError) as e:
-        print(f'training.rl: error: {e}', file=sys.stderr)
+        dist.report_error('training.rl', e, same_everywhere=not isinstance(e, OSError))
         dist.shutdown()
         sys.exit(1)
     dist.shutdown()
