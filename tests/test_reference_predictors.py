@@ -349,6 +349,9 @@ def test_truncated_and_foreign_pickles(tmp_path, reference_layout, cuda_tags):
     (tmp_path / 'other.pkl').write_bytes(pickle.dumps({'ema': {'weights': [1, 2]}}))
     with pytest.raises(cp.ReferencePickleError, match='not an EPD_predictor or AMED_predictor'):
         training.load_predictor(str(tmp_path / 'other.pkl'))
+    from tests.helpers_models import write_edm_pickle
+    with pytest.raises(cp.ReferencePickleError, match='VPPrecond.*pass it as --model_path'):
+        training.load_predictor(write_edm_pickle(tmp_path / 'edm-model.pkl'))
 
 
 # -- AMED ----------------------------------------------------------------------------------------------------

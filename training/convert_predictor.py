@@ -185,7 +185,8 @@ def find_records(data, path):
                                        "'model' as in EPD/AMED snapshots")
     if _class_name(data) not in ('EPD_predictor', 'AMED_predictor'):
         what = _class_name(data) or type(data).__name__
-        raise ReferencePickleError(f'{path} holds a {what}, not an EPD_predictor or AMED_predictor')
+        hint = '; it is a model: pass it as --model_path' if what.endswith('Precond') else ''
+        raise ReferencePickleError(f'{path} holds a {what}, not an EPD_predictor or AMED_predictor{hint}')
     return data, (loss if _class_name(loss) in ('EPD_loss', 'AMED_loss') else None)
 
 
