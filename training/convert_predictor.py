@@ -21,6 +21,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import torch
@@ -78,12 +79,16 @@ def _zip_storages(archive, prefix):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
             raise UnsafePickleError('unexpected persistent id in the archive')
         _, storage_type, key, _location, numel = pid     # the location (e.g. 'cuda:0') is ignored: CPU
-        dtype = getattr(storage_type, 'dtype', None)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')      # the storage type tags are deprecated classes; only their dtype
+            dtype = getattr(storage_type, 'dtype', None)
         if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
             raise UnsafePickleError('malformed storage record in the archive')
         data = bytearray(archive.read(f'{prefix}data/{key}'))
         untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
     return load
 
 
@@ -160,8 +165,14 @@ def _child(record, name, path, required=True):
     return child
 
 
+LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c
+
+
 def find_records(data, path):
     """(predictor record, loss record or None) of a loaded pickle."""
+    if isinstance(data, int) and data == LEGACY_TORCH_MAGIC:
+        raise ReferencePickleError(f'{path} is in the legacy torch.save format (before PyTorch 1.6), which this '
+                                   'loader does not read; re-save it with torch.save or pickle.dump')
     loss = None
     if isinstance(data, dict):
         loss = data.get('loss_fn')
@@ -174,7 +185,8 @@ def find_records(data, path):
                                        "'model' as in EPD/AMED snapshots")
     if _class_name(data) not in ('EPD_predictor', 'AMED_predictor'):
         what = _class_name(data) or type(data).__name__
-        raise ReferencePickleError(f'{path} holds a {what}, not an EPD_predictor or AMED_predictor')
+        hint = '; it is a model: pass it as --model_path' if what.endswith('Precond') else ''
+        raise ReferencePickleError(f'{path} holds a {what}, not an EPD_predictor or AMED_predictor{hint}')
     return data, (loss if _class_name(loss) in ('EPD_loss', 'AMED_loss') else None)
 
 
@@ -236,6 +248,22 @@ def _placement(attrs, path):
     return config, shape, sigma_min, sigma_max, 've', guidance_type, guidance_rate
 
 
+def reference_time_uniform(num_steps, sigma_min, sigma_max, rho=1.0, eps_s=1e-3):
+    """The time_uniform grid as the reference computes it: in float32 on the CPU (its stored CIFAR-10 N = 4 grid is
+    80, 6.950278, 1.286681, 0.0020132; float64 gives 80, 6.95024, 1.28667, 0.002). The learned tables are tied to
+    this grid. Returned as float64 values of the float32 results."""
+    f = lambda v: torch.tensor(v, dtype=torch.float32)
+    lmax, lmin = torch.log(f(sigma_max) ** 2 + 1), torch.log(f(sigma_min) ** 2 + 1)
+    beta_d = 2 * (lmin / eps_s - lmax) / (eps_s - 1)
+    beta_min = lmax - 0.5 * beta_d
+    u = torch.arange(num_steps, dtype=torch.float32) / (num_steps - 1)
+    tau = (1 + u * (eps_s ** (1 / rho) - 1)) ** rho
+    # exp(x) - 1 of x ~ 4e-6 in float32 keeps about 1.5 digits of sigma_min: 0.0020132 instead of 0.002. Torch's
+    # float32 exp is the reference's; another library's exp may round one ulp apart (sigma_min 1.5% apart).
+    sigmas = torch.sqrt(torch.exp(0.5 * beta_d * tau ** 2 + beta_min * tau) - 1)
+    return [float(v) for v in sigmas]
+
+
 def _common_settings(attrs, loss, path):
     config, shape, sigma_min, sigma_max, space, guidance_type, guidance_rate = _placement(attrs, path)
     settings = dict(dataset_name=configs_dataset(config), config=config, sampler_stu=attrs.get('sampler_stu'),
@@ -245,13 +273,21 @@ def _common_settings(attrs, loss, path):
                     sigma_max=float(sigma_max), max_order=attrs.get('max_order'),
                     predict_x0=bool(attrs.get('predict_x0', True)),
                     lower_order_final=bool(attrs.get('lower_order_final', True)),
-                    guidance_type=guidance_type, guidance_rate=guidance_rate, sample_shape=shape, dtype='float32')
+                    guidance_type=guidance_type, guidance_rate=guidance_rate if guidance_type else None,
+                    sample_shape=shape, dtype='float32')
     if space != 've':
         settings['ode_space'] = space
+    if settings['afs']:
+        settings['afs_formula'] = 'reference'      # x / sqrt(1 + sigma^2) and a zero feature (predictors.py)
     grid = loss.state.get('t_steps') if loss is not None else None
     if isinstance(grid, torch.Tensor) and grid.numel() == settings['num_steps'] and space == 've':
         # The grid the table was trained on, as the reference computed it (time_uniform in float32).
         settings['t_steps'] = [float(v) for v in grid.detach().to(torch.float64).flatten()]
+    elif settings['schedule_type'] == 'time_uniform':
+        # No stored grid: the one the reference's sampler computes (float32: its last point is not sigma_min).
+        settings['t_steps'] = reference_time_uniform(settings['num_steps'], settings['sigma_min'],
+                                                     settings['sigma_max'], settings['schedule_rho'])
+    if 't_steps' in settings:
         settings['sigma_max'], settings['sigma_min'] = settings['t_steps'][0], settings['t_steps'][-1]
     if settings['sampler_stu'] is None or not settings['num_steps'] or settings['schedule_type'] is None:
         raise ReferencePickleError(f'{path}: the predictor lacks sampler_stu/num_steps/schedule_type; not a '
@@ -315,7 +351,7 @@ def _amed(record, loss, path):
                                    'other than 8/4/1; only the released architecture converts')
     settings.update(predictor='amed', num_points=1, scale_dir=scale_dir, scale_time=scale_time,
                     feature_dim=int(enc0[0].shape[1]), hidden_dim=int(enc0[0].shape[0]), time_embedding='sigma',
-                    afs_feature='zeros', loss='l2', fcn=False)
+                    loss='l2', fcn=False)
     predictor = AMEDPredictor({k: v for k, v in settings.items() if k != 'predictor'})
     # Our single head Linear(20, 3) holds the reference's heads fc_r, fc_scale_dir, fc_scale_time as rows; a head
     # the reference lacks (its scale is 0, so its output is never read) is a zero row.
@@ -358,12 +394,13 @@ def reference_pickle_in(folder):
     return None
 
 
-def convert(src, outdir):
-    """Write the converted predictor folder; refuses an existing non-empty outdir. Returns the predictor."""
+def write_predictor_folder(predictor, outdir, replace=False):
+    """Save a predictor as a folder that appears complete or not at all: written into a temporary folder beside
+    it, then renamed into place. An existing non-empty outdir is refused, or with replace=True swapped out."""
     import training
-    predictor = load_reference_predictor(src)
     outdir = os.path.abspath(outdir)
-    if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
+    exists = os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir))
+    if exists and not replace:
         raise ReferencePickleError(f'{outdir} already exists; choose a new folder for the converted predictor')
     parent = os.path.dirname(outdir)
     try:
@@ -371,14 +408,26 @@ def convert(src, outdir):
         tmp = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(outdir) + '.')
     except OSError as e:
         raise ReferencePickleError(f'cannot write into {parent} ({e.strerror}); choose a writable folder') from None
+    old = None
     try:
         training.save_predictor(predictor, tmp)
-        if os.path.isdir(outdir):
+        if exists:
+            old = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(outdir) + '.old.')
+            os.rename(outdir, os.path.join(old, 'previous'))
+        elif os.path.isdir(outdir):
             os.rmdir(outdir)
         os.rename(tmp, outdir)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return outdir
+
+
+def convert(src, outdir):
+    """Write the converted predictor folder; refuses an existing non-empty outdir. Returns the predictor."""
+    predictor = load_reference_predictor(src)
+    write_predictor_folder(predictor, outdir)
     return predictor
 
 
