@@ -138,16 +138,21 @@ def write_snapshot(path, cuda_tags, fmt='pickle', predictor=None, with_loss=True
     data = dict(model=predictor.eval().requires_grad_(False))
     if with_loss:
         data['loss_fn'] = EPD_loss(CIFAR_GRID.clone(), num_steps=4, solver_stu=epd_sampler_ref, M=3)
+    dump_on_gpu(path, cuda_tags, data, fmt)
+    return predictor
+
+
+def dump_on_gpu(path, cuda_tags, data, fmt='pickle'):
+    """Write `data` as the reference's training loop does (pickle.dump, or torch.save), its tensors tagged as CUDA."""
     cuda_tags['on'] = True
     try:
         with open(path, 'wb') as f:
             if fmt == 'pickle':
-                pickle.dump(data, f)          # what the reference's training loop does
+                pickle.dump(data, f)
             else:
                 torch.save(data, f)
     finally:
         cuda_tags['on'] = False
-    return predictor
 
 
 # -- the reference formulas --------------------------------------------------------------------------------
@@ -255,10 +260,7 @@ def test_plugin_and_plain_class_pickle(tmp_path, reference_layout, cuda_tags, mo
     plain = Plain()
     plain.__dict__.update({k: v for k, v in src.__dict__.items()})
     pkl = tmp_path / 'plugin.pkl'
-    cuda_tags['on'] = True
-    with open(pkl, 'wb') as f:
-        pickle.dump({'model': plain}, f)
-    cuda_tags['on'] = False
+    dump_on_gpu(pkl, cuda_tags, {'model': plain})
     predictor = training.load_predictor(str(pkl))
     assert predictor.settings['sampler_stu'] == 'ipndm' and predictor.settings['scale_time'] == 0.2
     # No stored grid: the reference sampler's own float32 time_uniform grid, not the float64 one.
@@ -380,10 +382,7 @@ def test_amed_predictor_converts(tmp_path, reference_layout, cuda_tags):
                          sampler_tea='heun', M=1, schedule_type='time_uniform', schedule_rho=1.0, afs=True,
                          max_order=None, predict_x0=True, lower_order_final=True).eval()
     pkl = tmp_path / 'amed.pkl'
-    cuda_tags['on'] = True
-    with open(pkl, 'wb') as f:
-        pickle.dump({'model': ref}, f)
-    cuda_tags['on'] = False
+    dump_on_gpu(pkl, cuda_tags, {'model': ref})
     predictor = training.load_predictor(str(pkl))
     assert type(predictor).__name__ == 'AMEDPredictor' and predictor.settings['feature_dim'] == 64
     h = torch.randn(5, 8, 8, dtype=torch.float64)
