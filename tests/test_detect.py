@@ -85,9 +85,9 @@ def test_sample_with_only_a_model_path_at_the_models_own_size(tmp_path, tiny_sd)
     run_cli(base + ['--resolution=32', f'--outdir={tmp_path / "c"}'])
     assert _png_size(tmp_path / 'c') == (32, 32)
     # train.py tells the family the same way
+    (tmp_path / 'p.txt').write_text('a cat\n')
     run_cli(['train.py', f'--model_path={tiny_sd}', f'--prompt_path={tmp_path / "p.txt"}', '--sampler_tea=euler',
-             '--num_steps=3', '--M=1', '--batch=2', '--total_kimg=0.002', '--loss=l2', f'--outdir={tmp_path / "e"}'],
-            env={}) if (tmp_path / 'p.txt').write_text('a cat\n') else None
+             '--num_steps=3', '--M=1', '--batch=2', '--total_kimg=0.002', '--loss=l2', f'--outdir={tmp_path / "e"}'])
     folder = next((tmp_path / 'e').glob('00001-my-sd-*'))
     assert json.loads((folder / 'predictor.json').read_text())['dataset_name'] == 'my-sd'
 
@@ -98,3 +98,12 @@ def test_resolution_on_a_fixed_size_model_is_refused():
     assert result.stderr.strip().splitlines()[-1] == ('sample.py: error: --resolution given, but family analytic '
                                                       'models have a fixed size (the latent families take one); '
                                                       'drop --resolution')
+
+
+def test_sample_an_edm_pickle_without_a_config(tmp_path):
+    """The README's EDM line on a tiny pickle of the same format."""
+    edm.save_persistence_pickle(str(tmp_path / 'net.pkl'), _edm_net('vp-ddpmpp'))
+    result = run_cli(['sample.py', f'--model_path={tmp_path / "net.pkl"}', '--sampler_stu=heun', '--num_steps=3',
+                      '--seeds=0-1', f'--outdir={tmp_path / "o"}'])
+    assert 'NFE per image: 4' in result.stdout and len(list((tmp_path / 'o').rglob('*.png'))) == 2
+    assert json.loads((tmp_path / 'o' / 'sample_options.json').read_text())['dataset_name'] == 'net'
