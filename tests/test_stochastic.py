@@ -236,14 +236,14 @@ def test_sed_ref_is_first_order(options):
     """The reference's scheme: its injected noise (std (-B dtau)^(rho/2) per step) vanishes faster than the step,
     so it integrates the probability-flow ODE; measured against that ODE's exact law it is first order, with
     its Euler branch (db, the recommended commands) or with its "backward 2nd-order" branch above S_max (ddb),
-    which is first order too and 4-8x less accurate than plain Euler here."""
+    which is first order too and 8-15x less accurate than plain Euler here."""
     model = gaussian('diag')
     errs = errors('sed_ref', model, [32, 64, 128], target_beta=0.0, **options)
     assert errs[0] > errs[1] > errs[2]
     assert 0.85 < orders(errs)[-1] < 1.2, (errs, orders(errs))
     euler = errors('euler_maruyama', model, [128], beta=0.0)
     if options.get('S_max', math.inf) < math.inf:
-        assert errs[-1] > 2 * euler[0]
+        assert errs[-1] > 5 * euler[0]
     else:
         assert errs[-1] == pytest.approx(euler[0], rel=0.05)
 
