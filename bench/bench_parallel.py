@@ -373,7 +373,7 @@ def wall_clock(num_samples, steps, log):
                    for s in range(num_samples))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     lines = [WALLCLOCK_BEGIN, '', f'### Wall clock on this machine ({cores} CPU cores, shared), sample.py on '
-             f'gmm_image, DDIM {steps} steps, {num_samples} images in one batch', '',
+             f'gmm_image, DDIM {steps} steps (the config\'s polynomial grid), {num_samples} images in one batch', '',
              '| run | wall time (s) | ratio to sequential | rounds |', '|---|---|---|---|']
     for label, wall, rounds in rows:
         lines.append(f'| {label} | {wall:.2f} | {wall / walls["sequential"]:.2f} | {rounds} |')
