@@ -320,8 +320,8 @@ def plot(curves, rounds_by_steps, path):
     ax1.axhline(1e-3, color='grey', linestyle=':', linewidth=1)
     ax1.set_xlabel('parallel iteration (sequential round)')
     ax1.set_ylabel('median per-image RMSE / data range')
-    ax1.set_title('DDIM-100: error against the sequential output')
-    ax1.legend(fontsize=6, loc='lower left')
+    ax1.set_title('DDIM-100: error against the sequential output (memory 1 = Picard)')
+    ax1.legend(fontsize=6, loc='upper right')
     for label, pts in rounds_by_steps.items():
         steps = sorted(pts)
         ax2.plot(steps, [pts[s][0] for s in steps], marker='o', label=f'{label}: mean')
