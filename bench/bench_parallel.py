@@ -474,8 +474,8 @@ NOTES = """## Notes
   multistep extrapolation over them contracts slowly; on the SD grid it takes 8.6 (TAA with the per-step rule
   7.8, with a wrong-mode image). The trained EPD predictor (20 sequential rounds) needs 12.9 rounds with the
   defaults: short runs leave little to parallelise. Order 1 (the step-by-step recursion) needs ~M rounds under
-  the final rule (every unknown has to become exact in turn) and its slowly moving output can fool the error
-  estimate (one image stopped at 2.4e-2): keep the order at the window (the default) or at least ~20.
+  the final rule (every unknown has to become exact in turn): keep the order at the window (the default) or at
+  least ~20.
 - **Warm start.** From another class's trajectory (guidance 4.0) re-solving every step took *more* rounds than a
   cold start (12.2 vs 10.8): the other class's low-noise states lie in another mode, a worse guess than the flat
   start, and the iteration has to carry the trajectory across a mode boundary. Re-solving only the last K steps
