@@ -471,8 +471,8 @@ NOTES = """## Notes
   stopping-rule table).
 - **Where it does not help much.** DPM-Solver++ (3M) on the config's polynomial rho 7 grid from sigma 80 takes
   14.5 rounds for 25 steps with the defaults (Picard 13.1): the first steps are huge (80 -> 50 -> ...) and the
-  multistep extrapolation over them contracts slowly; on the SD grid it takes 8.6 (TAA with the per-step rule
-  7.8, with a wrong-mode image). The trained EPD predictor (20 sequential rounds) needs 12.9 rounds with the
+  multistep extrapolation over them contracts slowly; on the SD grid it takes 8.4 (TAA with the per-step rule
+  7.8, with a wrong-mode image). The trained EPD predictor (20 sequential rounds) needs 12.7 rounds with the
   defaults: short runs leave little to parallelise. Order 1 (the step-by-step recursion) needs ~M rounds under
   the final rule (every unknown has to become exact in turn): keep the order at the window (the default) or at
   least ~20.
@@ -481,7 +481,7 @@ NOTES = """## Notes
   start, and the iteration has to carry the trajectory across a mode boundary. Re-solving only the last K steps
   (the reference's use; the output then keeps the other class's first steps) costs 10.7 rounds for K = 50 and
   8.5 for K = 20 at a fraction of the evaluations. From the same class at another guidance strength (4.0 -> 3.0)
-  the warm start cuts the rounds 1.33x (slowest image 12 -> 8) and still ends at the new run's sequential output.
+  the warm start cuts the rounds 1.32x (slowest image 12 -> 9) and still ends at the new run's sequential output.
 - **Windows.** A window shorter than the run slides by the per-step rule (tol 1e-4) until it reaches the output;
   window 25 costs 12.2 rounds instead of 8.1 at a third of the evaluations, window 50 9.4; the per-step part
   brings back some of the per-step rule's risk (one image at 4.5e-3 with window 50).
@@ -501,13 +501,15 @@ NOTES = """## Notes
   below g times the last iteration's; elsewhere it takes the plain step (compare the rows with and without the
   guard in the DDIM tables: the slowest image gains the most).
 - **What bounds the CPU wall clock.** Each iteration evaluates every unknown of the window: the parallel solve
-  spends ~8-10 times the sequential solver's evaluations at 100 steps (the evaluations column), plus float64
-  bookkeeping over the whole trajectory. On a CPU the batched call is compute-bound, so the latency cut in rounds
-  turns into a wall-clock gain only with at least (evaluations per image / sequential evaluations) times the
-  compute: measured, the parallel solve is 6.1x slower than the sequential one on 1 worker and 4.3x slower on 2
-  torchrun workers (the second worker's share of the window is the only saving; the 2 cores are shared). The gain
-  needs hardware whose batched call costs about what one evaluation costs (a GPU with the window as its batch, or
-  one accelerator per slice, as the reference's 8 GPUs); the GPU figure waits for a GPU.
+  spends ~8-10 times the sequential solver's evaluations at 100 steps (the evaluations column), and every worker
+  keeps the whole trajectory and does the same float64 bookkeeping over it (for this cheap analytic denoiser that
+  bookkeeping, not the denoiser, is most of the time). So on a CPU the parallel solve is several times slower than
+  the sequential one, and a second worker only halves the denoiser share: measured three times on the 2 shared
+  cores, 1 worker 11.5 / 2.5 / 2.3 s and 2 workers 8.0 / 4.3 / 4.1 s against 1.9 / 0.5 / 0.2 s sequential (the
+  table shows the last; the machine's load, 3 to 8 on 2 cores, decides whether the second worker gets a core).
+  The latency cut in rounds turns into wall-clock time only where a batched call of the window costs about one
+  evaluation (a GPU with the window as its batch, or one accelerator per slice, as the reference's 8 GPUs); the
+  GPU figure waits for a GPU.
 - Error units: VP units, x / sqrt(1 + sigma^2), for every tolerance; at the output (sigma 0.03 on the SD grid)
   that is the data's units, so final_tol 1e-2 is 5e-3 of the data range; the measured errors are far below."""
 
