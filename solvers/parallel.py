@@ -443,8 +443,9 @@ def _taa(new, old, rk, upd, mem_x, mem_r, count, first_bad, frozen, vp, lmd, m_i
     if guard:
         # Safeguard: mix only where the upstream residual norm fell since the last iteration (the iteration is
         # contracting there); elsewhere (a mode decision still moving down the trajectory) take the plain step.
+        # (Both over the unknowns updated now: a frozen unknown's last residual is not compared with a zero.)
         now = torch.cumsum((rkw ** 2).sum(-1), 0)
-        before = torch.cumsum(((mem_r[1] * w[0]) ** 2).sum(-1), 0)
+        before = torch.cumsum(((mem_r[1] * w[0]) ** 2).sum(-1) * upd, 0)
         use = use & (now < guard * before)
     gamma = gamma * use[..., None] * valid.permute(1, 2, 0)
     mix = torch.einsum('mbj,jmbd->mbd', gamma, dx + dr)

@@ -222,3 +222,16 @@ def test_defaults_reach_the_sequential_output_of_the_hardest_images_in_14_rounds
     assert bool((best_component(net, x) == best_component(net, ref)).all())
     x, _ = solve_parallel(net, scheme, latents, method='picard', stop='residual', tol=1e-3)
     assert float(_rmse(x, ref)[0]) / 2 > 0.05        # the per-step rule's wrong mode, for contrast
+
+
+def test_the_bench_ddim_grid_is_diffusers_sd15_ddim_grid():
+    diffusers = pytest.importorskip('diffusers')
+    from bench.bench_parallel import sd_ddim_grid
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                                        set_alpha_to_one=False, steps_offset=1, timestep_spacing='leading')
+    for steps in (25, 100):
+        scheduler.set_timesteps(steps)
+        abar = scheduler.alphas_cumprod.to(torch.float64)
+        want = torch.cat([abar[scheduler.timesteps], scheduler.final_alpha_cumprod.to(torch.float64).reshape(1)])
+        # diffusers forms its table in float32: 1e-5 relative rounding
+        torch.testing.assert_close(sd_ddim_grid(steps), ((1 - want) / want).sqrt(), rtol=1e-4, atol=0)
