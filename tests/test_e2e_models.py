@@ -93,3 +93,22 @@ def test_missing_model_file_names_url_and_place(tmp_path):
     result = run_cli(['sample.py', f'--dataset_name={config}', f'--outdir={tmp_path / "o"}'], check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and 'cannot download http://127.0.0.1:9/' in last and 'place it at' in last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['dit', 'sd'])
+def test_parallel_sampling_on_tiny_latent_model(tmp_path, kind):
+    """sample.py --parallel=taa on a tiny DiT (CFG) and SD folder (CFG, a prompt): the images are the sequential
+    solver's to within a PNG level (the parallel solve stops at its final-state tolerance)."""
+    import numpy as np
+    import PIL.Image
+    config = build(kind, tmp_path)
+    common = ['sample.py', f'--dataset_name={config}', '--sampler_stu=euler', '--num_steps=11', '--seeds=0-1',
+              '--batch=2', *(['--prompt=a red square'] if kind == 'sd' else [])]
+    run_cli(common + [f'--outdir={tmp_path / "seq"}'])
+    result = run_cli(common + ['--parallel=taa', f'--outdir={tmp_path / "par"}'])
+    assert 'taa: sequential rounds' in result.stdout, result.stdout
+    for seed in (0, 1):
+        a, b = (np.asarray(PIL.Image.open(tmp_path / d / '000000' / f'{seed:06d}.png'), dtype=np.int16)
+                for d in ('seq', 'par'))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
