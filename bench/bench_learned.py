@@ -144,8 +144,9 @@ def write_figures(out, rows, nfes, students, predictors):
     figures.epd_tables(predictors, figures.figure_path(out, 'learned_epd_tables.png'))
     section = [figures.FIGURES_HEADING, '',
                f'Regenerate the figures alone with `{FIGURES_COMMAND}`: it reads the table above and the EPD '
-               'predictors (in `exps/bench/`, trained there with the config\'s settings when missing; training is '
-               'seeded, so they are the predictors measured here).', '',
+               'predictors in `exps/bench/`, training them there with the config\'s settings when missing. Training '
+               'is seeded, but a predictor retrained after the code has changed is not bit-identical to the one the '
+               'table measured: rerun the whole bench to draw both from the same predictors.', '',
                '![Learned solvers against the classical solvers by NFE](figures/learned_vs_classical.png)', '',
                'The table above as lines (log-log): the learned solvers (thick) against each classical solver at its '
                'best schedule for each NFE (dashed) and the best classical solver per NFE (black bars).', '',
