@@ -31,6 +31,7 @@ import training       # noqa: E402
 from models.loading import load_model      # noqa: E402
 from sample import batch_inputs, image_path     # noqa: E402
 from torch_utils.image_io import atomic_write  # noqa: E402
+from torch_utils.run_options import file_digest  # noqa: E402
 
 
 def cli(*args):
@@ -70,7 +71,8 @@ def class_grid(net, outdir, seeds, per_class=8):
 @click.option('--num_fd', metavar='INT', type=click.IntRange(min=2), default=4000, help='Samples for the pixel Frechet distance (unguided)')
 @click.option('--num_images', metavar='INT', type=click.IntRange(min=1), default=200, help='Images sampled with the predictor')
 @click.option('--predictor', metavar='PATH|INT', default=None, help='Skip training and use this predictor')
-def main(dataset, guidance_rate, kimg, num_eval, num_fd, num_images, predictor):
+@click.option('--samples', metavar='DIR', default='samples', help='Where the image folder goes (relative: to the repository)')
+def main(dataset, guidance_rate, kimg, num_eval, num_fd, num_images, predictor, samples):
     conditional = dataset == 'gmm_digits'
     guided = conditional and guidance_rate != 1
     guidance = ['--guidance_type=cfg', f'--guidance_rate={guidance_rate:g}'] if guided else []
@@ -84,15 +86,17 @@ def main(dataset, guidance_rate, kimg, num_eval, num_fd, num_images, predictor):
     if pred.settings['dataset_name'] != dataset:
         raise click.UsageError(f"--predictor={predictor} was trained for {pred.settings['dataset_name']}, not "
                                f"{dataset}; give --dataset={pred.settings['dataset_name']}")
-    # one folder per predictor: a folder only ever holds the images of one setting
-    outdir = os.path.join('samples', f'demo-epd-{os.path.basename(os.path.normpath(predictor))}')
+    # one folder per predictor (its files' digest, as sample.py names its own folders): a folder only ever holds
+    # the images of one setting, also for runs of the same name in other exps/ folders
+    outdir = os.path.join(samples, f'demo-epd-{os.path.basename(os.path.normpath(str(predictor)))}-'
+                          f'{file_digest(training.predictor_files(predictor))}')
     cli('sample.py', f'--predictor_path={predictor}', f'--seeds=0-{num_images - 1}', '--batch=100',
         f'--outdir={outdir}', '--grid=True')
 
     torch.set_num_threads(1)    # the small ops of the analytic model gain nothing from more (torch_utils/distributed)
     cfg = configs.load_config(dataset)
     net = load_model(cfg, None, 'cpu', pred.settings.get('guidance_type'), pred.settings.get('guidance_rate'))
-    grid = class_grid(net, outdir, list(range(num_images))) if conditional else None
+    grid = class_grid(net, os.path.join(ROOT, outdir), list(range(num_images))) if conditional else None
     nfe = pred.nfe()
     g = torch.Generator().manual_seed(2**31 - 1)     # held out: not a training or sampling seed
     z = torch.randn(num_eval, *net.sample_shape, generator=g, dtype=torch.float64)
