@@ -19,7 +19,7 @@ def write_config(folder, model, **sample):
     return str(path)
 
 
-def build(kind, folder):
+def build(kind, folder, classifier_in_config=True):
     if kind in ('edm-uncond', 'edm-cond'):
         path = folder / 'net.pkl'
         edm.save_persistence_pickle(str(path), _edm_net('vp-ddpmpp' if kind == 'edm-uncond' else 'edm-ddpmpp-cond'))
@@ -27,9 +27,10 @@ def build(kind, folder):
     if kind == 'adm-cg':
         torch.save(_adm_unet().state_dict(), folder / 'unet.pt')
         torch.save(_adm_classifier().state_dict(), folder / 'classifier.pt')
-        # the classifier comes from --classifier_path (the seeds' option), not the config
+        # without classifier_in_config the classifier must come from --classifier_path (the seeds' option)
+        classifier = dict(classifier_path=str(folder / 'classifier.pt')) if classifier_in_config else {}
         return write_config(folder, dict(family='adm', model_path=str(folder / 'unet.pt'), guidance_type='cg',
-                                         guidance_rate=2.0, **ADM_ARCH, **CLASSIFIER_ARCH))
+                                         guidance_rate=2.0, **classifier, **ADM_ARCH, **CLASSIFIER_ARCH))
     if kind == 'sd':
         build_tiny_sd(str(folder / 'sd'))
         return write_config(folder, dict(family='sd', model_path=str(folder / 'sd'), guidance_type='cfg',
@@ -54,7 +55,7 @@ def build(kind, folder):
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['edm-uncond', 'edm-cond', 'adm-cg', 'sd', 'dit'])
 def test_sample_and_train_on_tiny_model(tmp_path, kind):
-    config = build(kind, tmp_path)
+    config = build(kind, tmp_path, classifier_in_config=False)
     prompt = ['--prompt=a red square'] if kind == 'sd' else []
     if kind == 'adm-cg':
         prompt = [f'--classifier_path={tmp_path / "classifier.pt"}']
