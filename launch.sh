@@ -75,7 +75,8 @@ demo() {
 }
 
 tests() {
-  "$PY" -m pytest -q "$@"
+  # One pytest worker per core (TEST_WORKERS=1 runs them in one process); the tests are single-threaded.
+  "$PY" -m pytest -q -n "${TEST_WORKERS:-auto}" --dist=worksteal "$@"
 }
 
 target=${1:-demo}

@@ -143,7 +143,8 @@ def test_k_sampler_runs_learned_predictors(digits, kind, student, ends_at_zero):
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     out = solvers.k_sampler(pred)(k_cfg_model(digits), z * sigmas[0], sigmas, extra_args={'cond': y,
                                                                                            'cond_scale': 2.0})
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # 1e-11: the two paths add the guided terms in different orders (measured up to 1.4e-12 apart)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-11)
     with pytest.raises(ValueError, match='trained for 4 time points'):
         solvers.k_sampler(pred)(k_cfg_model(digits), z * 80, solvers.get_schedule(6, 0.002, 80.0).double(),
                                 {'cond': y, 'cond_scale': 2.0})
