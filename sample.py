@@ -133,6 +133,14 @@ def check_predictor_options(predictor, given, predictor_path):
                              f"(--predictor_path={predictor_path}); drop {flag} or use a predictor trained with it")
 
 
+def gits_prompts(net, prompt, prompt_file, dataset_name):
+    """The prompts GITS's teacher runs use (those of the images' seeds 0..num_warmup-1) for text-to-image models."""
+    if not getattr(net, 'prompt_keys', None):
+        return None
+    from models.prompts import load_prompt_source
+    return load_prompt_source(prompt=prompt, prompt_file=prompt_file, dataset_name=dataset_name)
+
+
 def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, class_idx=None, save_npz_too=False,
              predictor=None, device=torch.device('cpu'), prompts=None, progress=True, parallel=None):
     """Sample every seed not yet written; returns a summary dict (rank 0's view of all ranks).
@@ -156,6 +164,7 @@ def generate(net, seeds, outdir, settings, batch, batch_gpu=None, subdirs=True, 
         sigmas = predictor.schedule(net)
     elif settings.get('t_steps'):
         sigmas = solve_opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
+        solve_opts.pop('schedule_type')       # an explicit grid (given, or GITS's): no schedule is built
     else:
         sigmas = solvers.get_schedule(settings['num_steps'], settings.get('sigma_min') or net.sigma_min,
                                       settings.get('sigma_max') or net.sigma_max, settings['schedule_type'],
@@ -324,7 +333,12 @@ def generate_parallel(net, seeds, outdir, settings, batch, subdirs, class_idx, s
               help=f'Solver when no predictor is given: {", ".join(sorted(solvers.SOLVERS))}')
 @click.option('--num_steps', '--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=None, help='Time points (num_steps - 1 steps); --steps is the seed generate.py\'s spelling')
 @click.option('--t_steps', metavar='LIST', default=None, help='Explicit decreasing grid, e.g. "[80,10.98,3.88,1.58,0.57,0.17,0.002]" (sets num_steps and the sigma range)')
-@click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule')
+@click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES + ('gits',)), default=None, help='Time schedule (gits: searched from a teacher trajectory, training/gits.py)')
+@click.option('--solver_tea', metavar='NAME', default=None, help='GITS: teacher solver [default: ipndm]')
+@click.option('--num_steps_tea', metavar='INT', type=int, default=None, help='GITS: points of the fine teacher grid (polynomial, --schedule_rho) [default: 61]')
+@click.option('--metric', metavar='dev|l1|l2', default=None, help='GITS: cost of a jump [default: dev]')
+@click.option('--coeff', metavar='FLOAT', type=float, default=None, help='GITS: cost weight growth per step [default: 1.15]')
+@click.option('--num_warmup', metavar='INT', type=int, default=None, help='GITS: teacher runs for the cost table (cached in exps/gits_cache) [default: 256]')
 @click.option('--schedule_rho', '--rho', 'schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent')
 @click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='Lowest noise level [default: the model\'s]')
 @click.option('--sigma_max', metavar='FLOAT', type=float, default=None, help='Highest noise level [default: the model\'s]')
@@ -376,7 +390,8 @@ def main(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, s
          guidance_rate, prompt, prompt_file, class_idx, batch, batch_gpu, seeds, outdir, subdirs, grid, save_npz,
          dtype, device, timesteps, num_samples, eta, parallel, window_size, order, memory_size, max_steps, tol, stop,
          final_tol, save_iterates, save_trajectory, init_trajectory, variation_steps, network, S_churn, S_min, S_max,
-         S_noise, randn_like, beta, drift, jvp, classifier_path, resolution):
+         S_noise, randn_like, beta, drift, jvp, classifier_path, resolution, solver_tea, num_steps_tea, metric, coeff,
+         num_warmup):
     """Generate images: any solver, any model, any number of torchrun workers.
 
     \b
@@ -399,7 +414,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         memory_size=None, max_steps=None, tol=None, stop='final', final_tol=par.FINAL_TOL, save_iterates=False,
         save_trajectory=False, init_trajectory=None, variation_steps=None, network=None, S_churn=None, S_min=None,
         S_max=None, S_noise=None, randn_like=None, beta=None, drift=None, jvp=None, classifier_path=None,
-        resolution=None):
+        resolution=None, solver_tea=None, num_steps_tea=None, metric=None, coeff=None, num_warmup=None):
     stochastic_given = {k: v for k, v in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
                                               randn_like=randn_like, beta=beta, drift=drift, jvp=jvp).items()
                         if v is not None}
@@ -460,6 +475,17 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         t_grid = parse_t_steps(t_steps)
         overrides.update(t_steps=t_grid, num_steps=len(t_grid), sigma_max=t_grid[0], sigma_min=t_grid[-1])
     settings = resolve_settings(cfg, overrides)
+    gits_given = {k: v for k, v in dict(solver_tea=solver_tea, num_steps_tea=num_steps_tea, metric=metric,
+                                        coeff=coeff, num_warmup=num_warmup).items() if v is not None}
+    gits_opts = None
+    if settings['schedule_type'] == 'gits' and predictor is None and not settings.get('t_steps'):
+        import training.gits
+        gits_opts = training.gits.resolve(dict(gits_given, fine_rho=settings['schedule_rho']))
+        # checked as the fine grid's schedule until the grid is searched (after the model is loaded)
+        settings['schedule_type'] = gits_opts['fine_schedule']
+    elif gits_given:
+        raise UsageError(f"--{next(iter(gits_given))} applies to --schedule_type=gits only; drop it or add "
+                         "--schedule_type=gits")
     if predictor is None:
         unused = solvers.stochastic.unused_option(settings['solver'], stochastic_given)
         if unused:
@@ -499,6 +525,13 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         predictor.check_model(net)
         predictor = predictor.to(device)
         settings.update(predictor.summary())
+    if gits_opts is not None:
+        gits_sigmas, _ = training.gits.gits_grid(
+            net, settings['num_steps'], gits_opts, model_path or cfg['model'], settings.get('sigma_min'),
+            settings.get('sigma_max'), DTYPES[settings['dtype']], device, guidance=(guidance_type, guidance_rate),
+            prompts=gits_prompts(net, prompt, prompt_file, dataset_name), log=dist.print0)
+        settings.update(schedule_type='gits', t_steps=gits_sigmas.tolist(), gits={k: v for k, v in gits_opts.items()
+                                                                          if k != 'cache_dir'})
     if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
         raise UsageError(f"--class={class_idx} is out of range: the model has {net.label_dim} classes"
                          if net.label_dim else f"--class given, but {dataset_name} is unconditional; drop --class")
@@ -515,6 +548,7 @@ def run(dataset_name, model_path, predictor_path, solver, num_steps, t_steps, sc
         opts = {k: settings[k] for k in solve_keys if k in settings}
         if settings.get('t_steps'):
             opts['sigmas'] = torch.tensor(settings['t_steps'], dtype=torch.float64)
+            opts.pop('schedule_type')
         scheme = par.solver_scheme(net, predictor=predictor, **opts)
         if tol is None:
             tol = 1e-4

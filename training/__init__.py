@@ -7,6 +7,9 @@ from safetensors.torch import load_file, save_file
 
 from torch_utils.image_io import atomic_write
 from training.predictors import PREDICTORS, AMEDPredictor, EPDPredictor  # noqa: F401
+from training.sigma_schedule import SEDSigmaPredictor
+
+PREDICTORS.setdefault(SEDSigmaPredictor.kind, SEDSigmaPredictor)
 
 PREDICTOR_FILE = 'predictor.safetensors'
 SETTINGS_FILE = 'predictor.json'
