@@ -1,4 +1,4 @@
-"""Seeds and per-seed generators."""
+"""Seeds and per-seed generators; running a click command as a main()."""
 import re
 
 import torch
@@ -35,3 +35,16 @@ def randn_per_seed(generators, shape, dtype, device):
     a seed's noise is the same (up to the cast) whatever dtype is sampled in."""
     return torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float64)
                         for g in generators]).to(dtype)
+
+
+def run_command_line(command, argv, prog):
+    """Run a click command as a module's main(): a bad option or value is one line '<prog>: error: ...' and exit 1."""
+    import click
+    try:
+        command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(1)
+    except ValueError as e:
+        print(f'{prog}: error: {e}')
+        raise SystemExit(1)

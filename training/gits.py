@@ -19,6 +19,7 @@ import solvers
 from solvers import gits as core
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
+from torch_utils.misc import run_command_line
 
 # The reference's defaults (gits-main sample.py with its recipes' --num_steps_tea=61 --metric=dev --coeff=1.15).
 DEFAULTS = dict(solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, num_warmup=256,
@@ -143,14 +144,7 @@ def main(argv=None):
         print(f'indices {path}')
         print(format_grid(grid))
 
-    try:
-        cli.main(args=argv, standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        raise SystemExit(1)
-    except ValueError as e:
-        print(f'training.gits: error: {e}')
-        raise SystemExit(1)
+    run_command_line(cli, argv, 'training.gits')
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ import torch
 
 import solvers
 from torch_utils.image_io import atomic_write
+from torch_utils.misc import run_command_line
 from training.predictors import LearnedPredictor
 
 PRECONDS = ('Dns', 'Eps')
@@ -246,14 +247,7 @@ def main(argv=None):
                      ''.join(json.dumps(r) + '\n' for r in history).encode())
         log(f'Done in {time.time() - start:.1f} s: grid {format_grid(predictor.schedule())}; predictor in {run_dir}')
 
-    try:
-        cli.main(args=argv, standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        raise SystemExit(1)
-    except ValueError as e:
-        print(f'training.sigma_schedule: error: {e}')
-        raise SystemExit(1)
+    run_command_line(cli, argv, 'training.sigma_schedule')
 
 
 if __name__ == '__main__':
