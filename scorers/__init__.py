@@ -31,13 +31,14 @@ def require_file(path, what, source, option):
 def load_scorer(name, option_prefix='reward', **options):
     """Build the scorer `name` (see SCORERS) from its options; option_prefix names where options are set, for
     error messages (e.g. 'reward' -> 'reward.weights_path')."""
-    from scorers import analytic, clip, imagereward, multi, pickscore
+    from scorers import analytic, clip, imagereward, mps, multi, pickscore
     table = dict(class_posterior=analytic.ClassPosterior, log_density=analytic.LogDensity,
                  hps=clip.HPSv2, clip=clip.CLIPScore, aesthetic=clip.Aesthetic, pickscore=pickscore.PickScore,
-                 imagereward=imagereward.ImageReward, multi=multi.Multi)
+                 imagereward=imagereward.ImageReward, mps=mps.MPS, multi=multi.Multi)
     if name not in table:
         raise ScorerError(f"unknown scorer {name!r}; known: {', '.join(sorted(table))}")
     return table[name](option_prefix=option_prefix, **options)
 
 
-SCORERS = ('class_posterior', 'log_density', 'hps', 'clip', 'aesthetic', 'pickscore', 'imagereward', 'multi')
+SCORERS = ('class_posterior', 'log_density', 'hps', 'clip', 'aesthetic', 'pickscore', 'imagereward', 'multi',
+           'mps')     # mps: evaluation only

@@ -11,6 +11,7 @@ every PyTorch version we know of (storages as `torch.save` bytes, read back with
 import collections
 import io
 import pickle
+import warnings
 
 import torch
 
@@ -211,12 +212,16 @@ def read_zip_records(zf, source='pickle'):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[2], str)):
             raise UnsafePickleError(f'{source} has an unexpected persistent id')
         _tag, storage_type, key, _location, _numel = pid      # the location (e.g. 'cuda:0') is ignored: CPU
-        dtype = storage_type.dtype if hasattr(storage_type, 'dtype') else storage_type
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')      # the storage type tags are deprecated classes; only their dtype
+            dtype = storage_type.dtype if hasattr(storage_type, 'dtype') else storage_type
         if not isinstance(dtype, torch.dtype):
             raise UnsafePickleError(f'{source} has a malformed storage record')
         raw = bytearray(zf.read(f'{root}data/{key}'))
         untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
     with zf.open(data_pkl) as f:
         return record_load(io.BytesIO(f.read()), source=source, storages=load_storage)

@@ -448,6 +448,9 @@ def reward_options(cfg, net):
     """(name, options) for scorers.load_scorer from the reward section."""
     rw = cfg['reward']
     name = rw['type']
+    if name == 'mps':
+        raise UsageError("reward.type=mps: MPS is an evaluation score, not a training reward; use hps, pickscore, "
+                         "imagereward, clip, aesthetic or multi")
     common = dict(net=net, batch_size=rw['batch_size'])
     if name == 'multi':
         heads = copy.deepcopy(rw['multi'])
