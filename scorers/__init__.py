@@ -11,7 +11,8 @@ naming the file, where it comes from and the option that sets it.
 
 Each scorer also has `normalise(scores)`, the map into roughly [0, 1] that `multi` uses to weight heads
 (the reference's: HPS clamp(s, 0, 1), PickScore clamp(s / 26, 0, 1), CLIP clamp(s, 0, 1), aesthetic
-clamp(s / 10, 0, 1), ImageReward clamp(s / 10, 0, 1) of its +3 std shifted score).
+clamp(s / 10, 0, 1), ImageReward clamp(s / 10, 0, 1) of its +3 std shifted score). MPS is an evaluation score
+only: it has no normalisation and neither `multi` nor the RL config accepts it.
 """
 import os
 
