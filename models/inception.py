@@ -23,7 +23,7 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from torch_utils.restricted_pickle import TORCH_TENSOR_GLOBALS, RestrictedUnpickler
+from torch_utils.restricted_pickle import collect_tensors, read_zip_records, record_load
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -281,101 +281,16 @@ def ours_to_pytorch_fid(state):
 
 # -- reading files without running their code ----------------------------------------------------------------
 
-class _Record:
-    """Inert stand-in for any object in a pickle: remembers its class name, constructor args and state."""
-    _class_name = '?'
-    args, kwargs, state = (), {}, None          # NEWOBJ creates records without calling __init__
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):              # SETITEM(S) on dict-like classes
-        if self.state is None:
-            self.state = {}
-        self.state[key] = value
-
-    def append(self, value):                        # APPEND(S) on list-like classes
-        self.args = self.args + (value,)
-
-    def extend(self, values):
-        self.args = self.args + tuple(values)
-
-
-def _record_class(module, name):
-    return type(name, (_Record,), {'_class_name': f'{module}.{name}'})
-
-
-def _new_record(cls, *args):                       # copyreg.__newobj__ / _reconstructor
-    if isinstance(cls, type) and issubclass(cls, _Record):
-        return cls()
-    return _Record()
-
-
-def _persistent_record(meta):
-    """torch_utils.persistence._reconstruct_persistent_obj: keep the state, never exec module_src."""
-    rec = _record_class('persistent', str(meta.get('class_name', '?')))()
-    rec.state = meta.get('state')
-    return rec
-
-
-_RECORD_GLOBALS = {
-    **TORCH_TENSOR_GLOBALS,
-    ('copyreg', '__newobj__'): _new_record,
-    ('copyreg', '_reconstructor'): _new_record,
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_record,
-}
-
-
 def _record_load(file, storages=None):
-    """Tensors through the shared allow-list; every other global becomes an inert record class, so nothing from
-    the file runs. Storages in TorchScript archives come from `storages`."""
-    return RestrictedUnpickler(file, _RECORD_GLOBALS, source='Inception weight file', unknown=_record_class,
-                               storages=storages).load()
+    return record_load(file, source='Inception weight file', storages=storages)
 
 
 def _collect_tensors(node, prefix, out, seen):
-    """Walk rebuilt records and containers, collecting tensors under dotted module paths."""
-    if isinstance(node, torch.Tensor):
-        out[prefix[:-1]] = node
-        return
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, _Record):
-        node = node.state
-    if not isinstance(node, dict):
-        return
-    if '_modules' in node or '_parameters' in node:        # a pickled nn.Module's __dict__
-        for group in ('_parameters', '_buffers'):
-            for k, v in (node.get(group) or {}).items():
-                if isinstance(v, torch.Tensor):
-                    out[prefix + k] = v
-        for k, v in (node.get('_modules') or {}).items():
-            if v is not None:
-                _collect_tensors(v, prefix + k + '.', out, seen)
-        return
-    for k, v in node.items():                                # a TorchScript object's flat attribute dict
-        if isinstance(k, str) and not k.startswith('_'):
-            _collect_tensors(v, prefix + k + '.', out, seen)
+    collect_tensors(node, prefix, out, seen)
 
 
 def _read_torchscript_archive(zf, names):
-    data_pkl = next(n for n in names if n.endswith('/data.pkl') or n == 'data.pkl')
-    root = data_pkl[:-len('data.pkl')]
-
-    def load_storage(pid):
-        # ('storage', storage_type, key, location, numel)
-        _tag, storage_type, key, _location, numel = pid
-        dtype = storage_type.dtype if hasattr(storage_type, 'dtype') else storage_type
-        raw = bytearray(zf.read(f'{root}data/{key}'))
-        untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-
-    with zf.open(data_pkl) as f:
-        return _record_load(io.BytesIO(f.read()), storages=load_storage)
+    return read_zip_records(zf, source='Inception weight file')
 
 
 def read_state_dict(path):

@@ -11,7 +11,8 @@ naming the file, where it comes from and the option that sets it.
 
 Each scorer also has `normalise(scores)`, the map into roughly [0, 1] that `multi` uses to weight heads
 (the reference's: HPS clamp(s, 0, 1), PickScore clamp(s / 26, 0, 1), CLIP clamp(s, 0, 1), aesthetic
-clamp(s / 10, 0, 1)).
+clamp(s / 10, 0, 1), ImageReward clamp(s / 10, 0, 1) of its +3 std shifted score). MPS is an evaluation score
+only: it has no normalisation and neither `multi` nor the RL config accepts it.
 """
 import os
 
@@ -31,13 +32,14 @@ def require_file(path, what, source, option):
 def load_scorer(name, option_prefix='reward', **options):
     """Build the scorer `name` (see SCORERS) from its options; option_prefix names where options are set, for
     error messages (e.g. 'reward' -> 'reward.weights_path')."""
-    from scorers import analytic, clip, multi, pickscore
+    from scorers import analytic, clip, imagereward, mps, multi, pickscore
     table = dict(class_posterior=analytic.ClassPosterior, log_density=analytic.LogDensity,
                  hps=clip.HPSv2, clip=clip.CLIPScore, aesthetic=clip.Aesthetic, pickscore=pickscore.PickScore,
-                 multi=multi.Multi)
+                 imagereward=imagereward.ImageReward, mps=mps.MPS, multi=multi.Multi)
     if name not in table:
         raise ScorerError(f"unknown scorer {name!r}; known: {', '.join(sorted(table))}")
     return table[name](option_prefix=option_prefix, **options)
 
 
-SCORERS = ('class_posterior', 'log_density', 'hps', 'clip', 'aesthetic', 'pickscore', 'multi')
+SCORERS = ('class_posterior', 'log_density', 'hps', 'clip', 'aesthetic', 'pickscore', 'imagereward', 'multi',
+           'mps')     # mps: evaluation only

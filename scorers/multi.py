@@ -17,6 +17,8 @@ class Multi(torch.nn.Module):
         for name in weights:
             if name == 'multi':
                 raise ScorerError("a multi reward cannot contain itself")
+            if name == 'mps':
+                raise ScorerError("mps is an evaluation score, not a training reward; give it no multi weight")
             opts = dict(head_options.get(name) or {})
             opts.setdefault('batch_size', batch_size)
             self.heads[name] = load_scorer(name, option_prefix=f'{option_prefix}.multi.{name}', net=net, **opts)

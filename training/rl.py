@@ -372,7 +372,8 @@ DEFAULTS = dict(
                 multi=dict(weights={name: 0.0 for name in SCORER_NAMES},
                            hps=dict(weights_path=None, arch=None),
                            pickscore=dict(model=None, processor=None),
-                           imagereward=dict(checkpoint=None, med_config=None, cache_dir=None),
+                           imagereward=dict(checkpoint=None, med_config=None, tokenizer=None, cache_dir=None,
+                                            reference_shift=False),
                            clip=dict(weights_path=None, arch=None, cache_dir=None),
                            aesthetic=dict(predictor_path=None, clip_path=None, arch=None),
                            class_posterior=dict(sigma=0.0), log_density=dict(per_dim=True))),
@@ -447,6 +448,9 @@ def reward_options(cfg, net):
     """(name, options) for scorers.load_scorer from the reward section."""
     rw = cfg['reward']
     name = rw['type']
+    if name == 'mps':
+        raise UsageError("reward.type=mps: MPS is an evaluation score, not a training reward; use hps, pickscore, "
+                         "imagereward, clip, aesthetic or multi")
     common = dict(net=net, batch_size=rw['batch_size'])
     if name == 'multi':
         heads = copy.deepcopy(rw['multi'])
@@ -465,8 +469,9 @@ def reward_options(cfg, net):
         opts.update(rw['multi'][name])
         opts.update(arch=rw['arch']) if name == 'aesthetic' else None
     elif name == 'imagereward':
-        raise UsageError("reward.type=imagereward is not available yet; use hps, pickscore, clip, aesthetic or "
-                         "multi")
+        # Its files are set where the reference sets them, under reward.multi.imagereward.
+        opts.update(rw['multi']['imagereward'], option_prefix='reward.multi.imagereward')
+        opts['cache_dir'] = opts['cache_dir'] or rw['cache_dir']
     return name, opts
 
 
