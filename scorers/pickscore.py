@@ -18,8 +18,8 @@ class PickScore(torch.nn.Module):
     def __init__(self, model=None, processor=None, batch_size=16, option_prefix='reward', **_):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
-        require_file(model, 'PickScore', PICKSCORE_SOURCE, f'{option_prefix}.pickscore.model')
-        require_file(processor, 'CLIP processor', PROCESSOR_SOURCE, f'{option_prefix}.pickscore.processor')
+        require_file(model, 'PickScore', PICKSCORE_SOURCE, f'{option_prefix}.model')
+        require_file(processor, 'CLIP processor', PROCESSOR_SOURCE, f'{option_prefix}.processor')
         for folder in (model, processor):
             if not os.path.isdir(folder):
                 raise ScorerError(f"{folder} is not a folder; PickScore takes transformers' model and processor "
@@ -29,7 +29,7 @@ class PickScore(torch.nn.Module):
             self.processor = CLIPProcessor.from_pretrained(processor, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ScorerError(f"cannot read the PickScore folders {model}, {processor} "
-                              f"({str(e).splitlines()[0][:160]}); set {option_prefix}.pickscore.model/processor")
+                              f"({str(e).splitlines()[0][:160]}); set {option_prefix}.model/processor")
         self.model.eval().requires_grad_(False)
         self.batch_size = int(batch_size)
 

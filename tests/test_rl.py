@@ -215,3 +215,19 @@ def test_two_workers_equal_one(tmp_path):
             for d in ('one', 'two'))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
+
+
+@pytest.mark.parametrize('head,key', [('pickscore', 'model'), ('aesthetic', 'clip_path'),
+                                      ('imagereward', 'checkpoint')])
+def test_a_missing_reward_file_names_the_config_key_that_sets_it(tmp_path, head, key):
+    """Alone or inside multi, a head's missing file is reported under the key the config has for it."""
+    from scorers import ScorerError, load_scorer
+    missing = str(tmp_path / 'absent.bin')
+    for reward_type in (head, 'multi'):
+        cfg = rl.load_rl_config(overrides=['data.predictor_snapshot=x', f'reward.type={reward_type}',
+                                           f'reward.multi.weights.{head}=1.0', f'reward.multi.{head}.{key}={missing}'])
+        name, opts = rl.reward_options(cfg, None)
+        with pytest.raises(ScorerError) as err:
+            load_scorer(name, **opts)
+        message = str(err.value)
+        assert f'reward.multi.{head}.{key}' in message and 'absent.bin' in message, message

@@ -141,7 +141,7 @@ def test_pickscore_equals_transformers_forward(tmp_path):
     with torch.no_grad():
         want = model(**inputs).logits_per_image.diagonal().double()
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got, want)
-    with pytest.raises(ScorerError, match='reward.pickscore.model'):
+    with pytest.raises(ScorerError, match=r'reward\.model'):
         load_scorer('pickscore', model=str(tmp_path / 'absent'), processor=proc_dir)
 
 

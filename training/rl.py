@@ -465,13 +465,13 @@ def reward_options(cfg, net):
         opts.update(sigma=rw['sigma'])
     elif name == 'log_density':
         opts.update(per_dim=rw['per_dim'])
-    elif name in ('pickscore', 'aesthetic'):
-        opts.update(rw['multi'][name])
-        opts.update(arch=rw['arch']) if name == 'aesthetic' else None
-    elif name == 'imagereward':
-        # Its files are set where the reference sets them, under reward.multi.imagereward.
-        opts.update(rw['multi']['imagereward'], option_prefix='reward.multi.imagereward')
-        opts['cache_dir'] = opts['cache_dir'] or rw['cache_dir']
+    elif name in ('pickscore', 'aesthetic', 'imagereward'):
+        # Their files are set where the reference sets them, under reward.multi.<name>; errors name those keys.
+        opts.update(rw['multi'][name], option_prefix=f'reward.multi.{name}')
+        if name == 'aesthetic':
+            opts['arch'] = rw['arch'] or opts['arch']
+        if name == 'imagereward':
+            opts['cache_dir'] = opts['cache_dir'] or rw['cache_dir']
     return name, opts
 
 
