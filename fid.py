@@ -7,6 +7,7 @@ Examples:
   python fid.py ref --dataset_name=gmm_image --dest=fid-refs/gmm_image-pixels.npz      # exact, analytic
   python fid.py calc --images=samples/gmm_image --ref=fid-refs/gmm_image-pixels.npz --detector=pixels --num=10000
   python fid.py clip --images=samples/coco --prompts=prompts.txt --clip_model=ViT-g-14 --clip_weights=clip.bin
+  python fid.py score --images=samples/coco --prompts=prompts.txt --scorer=hps --option hps.weights_path=HPS_v2.1.pt
 """
 import hashlib
 import json
@@ -383,7 +384,8 @@ def _detector_or_error(spec, image_shape, device):
 
 @click.group()
 def main():
-    """FID, pixel-space Frechet distance and CLIP score of generated images (EDM's fid.py conventions).
+    """FID, pixel-space Frechet distance, CLIP score and reward-model scores of generated images (EDM's fid.py
+    conventions).
 
     Run under `torchrun --standalone --nproc_per_node=N` to spread the work over N processes."""
 
@@ -500,6 +502,79 @@ def clip(image_path, prompts_path, clip_model, clip_weights, clip_config, num, s
     model, preprocess, tokenizer = load_clip(clip_model, clip_weights, clip_config, device)
     score = clip_score(image_set, prompts, model, preprocess, tokenizer, batch=batch, device=device)
     dist.print0(f'CLIP score: {score:g}')
+    dist.barrier()
+    dist.shutdown()
+
+
+@main.command()
+@click.option('--images', 'image_path', help='Generated images: folder, zip or npz', metavar='PATH|ZIP', type=str,
+              required=True)
+@click.option('--scorer', 'scorer_name', help='Reward model or score: hps, pickscore, imagereward, clip, aesthetic, '
+              'mps, multi, class_posterior, log_density', metavar='NAME', type=str, required=True)
+@click.option('--option', 'options', help="The scorer's files and settings as NAME.KEY=VALUE, e.g. "
+              "mps.checkpoint=MPS_overall_checkpoint.pth (repeatable; multi: multi.hps.weights_path=...)",
+              metavar='NAME.KEY=VALUE', type=str, multiple=True)
+@click.option('--prompts', 'prompts_path', help='Text file, one prompt per line; image NNNNNN.png uses line '
+              'NNNNNN mod count (text scorers)', metavar='TXT', type=str)
+@click.option('--dataset_name', help='Analytic model whose exact posterior/density scores (class_posterior, '
+              'log_density)', metavar='STR', type=str)
+@click.option('--class', 'class_idx', help='Class label of every image (class_posterior)', metavar='INT', type=int)
+@click.option('--model_config', help='JSON open_clip model config for an architecture open_clip does not ship',
+              metavar='JSON', type=str)
+@click.option('--num', 'num', help='Use a random subset of this many images (default: all)', metavar='INT',
+              type=click.IntRange(min=1))
+@click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
+              show_default=True)
+@click.option('--batch', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=16,
+              show_default=True)
+def score(image_path, scorer_name, options, prompts_path, dataset_name, class_idx, model_config, num, seed, batch):
+    """Score images with a reward model (scorers/): mean per-image score with its standard error."""
+    from omegaconf import OmegaConf
+    from scorers import SCORERS, ScorerError, load_scorer
+    dist.init()
+    if scorer_name not in SCORERS:
+        raise click.ClickException(f"--scorer={scorer_name}: unknown; known: {', '.join(SCORERS)}")
+    bad = [o for o in options if '=' not in o or not o.startswith(scorer_name + '.')]
+    if bad:
+        raise click.ClickException(f"--option {bad[0]!r} must read {scorer_name}.KEY=VALUE")
+    opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=True).get(scorer_name, {})
+    if model_config is not None:
+        import open_clip
+        if not os.path.isfile(model_config):
+            raise click.ClickException(f'--model_config={model_config}: no such file')
+        open_clip.add_model_config(model_config)
+    net = load_dataset_model(dataset_name) if dataset_name else None
+    image_set = _open_images(image_path, num, seed)
+    if num is not None and len(image_set) < num:
+        raise click.ClickException(f'Found {len(image_set)} images in {image_path}, but expected at least {num}')
+    prompts = read_prompts(prompts_path) if prompts_path else None
+    if prompts is not None:
+        for name in image_set.names:
+            prompt_for(name, prompts)           # every file name must carry its seed; fail before any work
+    device = dist.get_device()
+    try:
+        scorer = load_scorer(scorer_name, option_prefix=f'--option {scorer_name}', batch_size=batch, net=net,
+                             **opts).to(device)
+        total = torch.zeros(3, dtype=torch.float64, device=device)
+        for idx in dist.rank_batches(len(image_set), batch):
+            idx = idx.tolist()
+            if not idx:
+                continue
+            x = torch.from_numpy(np.stack([image_set[i] for i in idx])).to(device, torch.float64) / 127.5 - 1
+            if class_idx is not None:
+                targets = [class_idx] * len(idx)
+            else:
+                targets = [prompt_for(image_set.names[i], prompts) for i in idx] if prompts else None
+            s = scorer(x, targets).to(device, torch.float64)
+            total += torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(len(s)), device=device,
+                                                                      dtype=torch.float64)])
+    except ScorerError as e:
+        raise click.ClickException(str(e))
+    total = dist.all_reduce_sum(total)
+    n = float(total[2])
+    mean = float(total[0]) / n
+    var = max(float(total[1]) / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    dist.print0(f'{scorer_name} score: {mean:.6g} +- {(var / n) ** 0.5:.3g} (standard error, {int(n)} images)')
     dist.barrier()
     dist.shutdown()
 

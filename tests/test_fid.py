@@ -493,3 +493,62 @@ def test_clip_score_matches_direct_computation(tmp_path):
         ie = model.encode_image(img, normalize=True).double()
         te = model.encode_text(txt, normalize=True).double()
     assert score == pytest.approx(float((100 * (ie * te).sum(-1)).mean()), rel=1e-5)
+
+
+# -- reward-model scores ---------------------------------------------------------------------------------------
+
+def test_score_equals_the_reward_models_own_forward(tmp_path):
+    """fid.py score: an HPS-shaped open_clip file (cosine of open_clip's own features of the PNGs) and the analytic
+    model's exact class posterior (of the images read back), with the file/option errors as one line."""
+    import open_clip
+    import safetensors.torch
+    from models.analytic import digit_mixture
+    config = tmp_path / 'tiny-hps-score.json'
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(1)
+    model = open_clip.create_model('tiny-hps-score').eval()
+    weights = tmp_path / 'hps.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    folder = make_images(tmp_path / 'img', 5, (32, 32), seed=2)
+    prompts = ['a red cube', 'a photo of a cat', 'two dogs']
+    (tmp_path / 'prompts.txt').write_text('\n'.join(prompts) + '\n')
+    base = ['score', f'--images={folder}', f'--prompts={tmp_path / "prompts.txt"}', '--scorer=hps',
+            f'--model_config={config}', '--batch=2']
+    r = CliRunner().invoke(fid.main, base + [f'--option=hps.weights_path={weights}',
+                                             '--option=hps.arch=tiny-hps-score'])
+    assert r.exit_code == 0, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith('hps score:') and '(standard error, 5 images)' in line, line
+    got = float(line.split(':')[1].split('+-')[0])
+    _, _, preprocess = open_clip.create_model_and_transforms('tiny-hps-score')
+    tok = open_clip.get_tokenizer('tiny-hps-score')
+    names = ImageSet(folder).names
+    with torch.no_grad():
+        img = torch.stack([preprocess(PIL.Image.open(os.path.join(folder, n))) for n in names])
+        txt = tok([prompts[int(os.path.basename(n)[:6]) % 3] for n in names])
+        cos = (model.encode_image(img, normalize=True) * model.encode_text(txt, normalize=True)).sum(-1).double()
+    assert got == pytest.approx(float(cos.mean()), rel=1e-5, abs=1e-6)
+    # Exact class posterior of the gmm_digits model for class 3 on real samples of class 3 and of class 5.
+    net = digit_mixture()
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([net.sample_data(3, g, label=3), net.sample_data(3, g, label=5)])
+    u8 = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    digits = tmp_path / 'digits'
+    digits.mkdir()
+    for i, a in enumerate(u8):
+        PIL.Image.fromarray(a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()).save(
+            digits / f'{i:06d}.png')
+    r = CliRunner().invoke(fid.main, ['score', f'--images={digits}', '--scorer=class_posterior',
+                                      '--dataset_name=gmm_digits', '--class=3'])
+    assert r.exit_code == 0, r.output
+    got = float(r.output.strip().splitlines()[-1].split(':')[1].split('+-')[0])
+    want = net.class_log_posterior(u8.double() / 127.5 - 1)[:, 3].exp()
+    assert got == pytest.approx(float(want.mean()), rel=1e-9) and 0.3 < got < 0.7      # 3 right, 3 wrong
+    # Bad input: one line naming the option.
+    for extra, message in [(['--option=weights_path=x'], "must read hps.KEY=VALUE"),
+                           ([f'--option=hps.weights_path={tmp_path / "none.pt"}'], '--option hps.weights_path'),
+                           (['--scorer=nope'], '--scorer=nope: unknown')]:
+        r = CliRunner().invoke(fid.main, base + extra)
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
