@@ -64,6 +64,8 @@ rl() {
   # PREDICTOR: a distilled EPD predictor (folder or experiment number), e.g. from
   #   DATASET=gmm_digits bash launch.sh train --loss=rmse
   # Further overrides: OVERRIDES="ppo.kl_coef=0.01 ppo.steps=200"; extra flags (--max-steps, --dry-run) pass on.
+  # CONFIG: configs/rl/{gmm_digits,ms_coco,sd3_512,sd3_1024,flux}.yaml (the reference's SD1.5, SD3 and FLUX runs;
+  #   they need the model weights and reward.multi.hps.weights_path).
   CONFIG=${CONFIG:-configs/rl/gmm_digits.yaml}
   OVERRIDE_FLAGS="--override data.predictor_snapshot=${PREDICTOR:?set PREDICTOR=distilled EPD predictor}"
   for o in ${OVERRIDES:-}; do OVERRIDE_FLAGS="$OVERRIDE_FLAGS --override $o"; done

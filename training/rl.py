@@ -477,6 +477,16 @@ def reward_options(cfg, net):
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 
+def model_config_name(dataset_name, settings):
+    """The model config (configs/<name>.yaml) of an RL run: the predictor's own (its `config`, as sample.py reads
+    it, else its dataset_name); model.dataset_name, when given, must name that one."""
+    theirs = settings.get('config') or settings['dataset_name']
+    if dataset_name is not None and dataset_name not in (theirs, settings['dataset_name']):
+        raise UsageError(f"the predictor was distilled on {theirs!r}, not {dataset_name!r}; drop "
+                         "model.dataset_name or give a predictor of that dataset")
+    return theirs
+
+
 def build(cfg, device):
     """(net, distilled predictor, settings, base, scorer, prompts) of a config."""
     import configs
@@ -495,10 +505,7 @@ def build(cfg, device):
         if m[key] is not None and m[key] != theirs:
             raise UsageError(f"model.{key}={m[key]} differs from the predictor's {theirs}: the table is tied to its "
                              f"grid; drop model.{key} or distil a predictor with it")
-    dataset = m['dataset_name'] or settings['dataset_name']
-    if dataset != settings['dataset_name']:
-        raise UsageError(f"the predictor was distilled on {settings['dataset_name']!r}, not {dataset!r}; drop "
-                         "model.dataset_name or give a predictor of that dataset")
+    dataset = model_config_name(m['dataset_name'], settings)
     guidance_type = m['guidance_type'] or settings.get('guidance_type')
     guidance_rate = m['guidance_rate'] if m['guidance_rate'] is not None else settings.get('guidance_rate')
     net = load_model(configs.load_config(dataset), m['model_path'], device, guidance_type, guidance_rate)
