@@ -1,6 +1,6 @@
 """RDPO on the class-conditional analytic digits, NFE 5, from a distilled EPD predictor: the held-out reward
 (exact class posterior) before and after RL, with the error to the exact ODE solution and the pixel FD to the exact
-data distribution beside it, with the KL penalty on (the default) and off.
+data distribution beside it, with the KL penalty on (the default) and off, and a run rewarding the exact log-density.
 
     python bench/bench_rl.py --out=docs/rl.md          # distils, runs both RL runs, evaluates (a few minutes)
     python bench/bench_rl.py --reuse=DIR                # reuse the distilled predictor and runs in DIR
@@ -67,13 +67,18 @@ def bootstrap_diff(a, b, draws=2000, seed=0):
 @click.command(context_settings=dict(show_default=True))
 @click.option('--kimg', metavar='FLOAT', type=float, default=1.6, help='Distillation length')
 @click.option('--steps', metavar='INT', type=int, default=60, help='PPO steps of each RL run')
-@click.option('--kl', 'kl_coefs', metavar='LIST', default='0.05,0', help='kl_coef of the RL runs')
+@click.option('--kl', 'kl_coefs', metavar='LIST', default='0.05,0', help='kl_coef of the class-posterior RL runs')
+@click.option('--density_kl', metavar='FLOAT', type=float, default=0.05,
+              help='kl_coef of the run with the exact log-density reward')
 @click.option('--num_eval', metavar='INT', type=int, default=256, help='Held-out samples')
 @click.option('--work', metavar='DIR', default=os.path.join(ROOT, 'exps', 'bench_rl'), help='Where runs go')
 @click.option('--reuse', is_flag=True, help='Reuse the distilled predictor and RL runs already in --work')
 @click.option('--out', metavar='MD', default=os.path.join(ROOT, 'docs', 'rl.md'), help='Report page')
-def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
+def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
     kls = [float(v) for v in kl_coefs.split(',')]
+    # run name -> (reward, kl_coef); each run's folder and log are named by it.
+    specs = {f'kl{kl:g}': ('class_posterior', kl) for kl in kls}
+    specs[f'density-kl{density_kl:g}'] = ('log_density', density_kl)
     os.makedirs(work, exist_ok=True)
     distilled = next(iter(sorted(glob.glob(os.path.join(work, 'distil', '*', 'predictor.json')))), None)
     seconds = {}
@@ -85,19 +90,22 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
     distilled = os.path.dirname(distilled)
     runs = {}
     jobs = {}
-    for kl in kls:
-        root = os.path.join(work, f'kl{kl:g}')
+    for key, (reward_type, kl) in specs.items():
+        root = os.path.join(work, key)
         found = sorted(glob.glob(os.path.join(root, '*', 'predictor.json')))
         if reuse and found:
-            runs[kl] = os.path.dirname(found[-1])
+            runs[key] = os.path.dirname(found[-1])
             continue
-        jobs[kl] = run(['-m', 'training.rl', '--config', CONFIG, '--device=cpu', '--max-steps', str(steps),
-                        '--override', f'data.predictor_snapshot={distilled}', '--override', f'run.output_root={root}',
-                        '--override', f'ppo.kl_coef={kl}', '--override', f'run.run_name=kl{kl:g}'],
-                       os.path.join(work, f'rl-kl{kl:g}.log'))
-    for kl, secs in wait(jobs).items():
-        seconds[f'rl kl={kl:g}'] = secs
-        runs[kl] = os.path.dirname(sorted(glob.glob(os.path.join(work, f'kl{kl:g}', '*', 'predictor.json')))[-1])
+        jobs[key] = run(['-m', 'training.rl', '--config', CONFIG, '--device=cpu', '--max-steps', str(steps),
+                         '--override', f'data.predictor_snapshot={distilled}', '--override', f'run.output_root={root}',
+                         '--override', f'reward.type={reward_type}', '--override', f'ppo.kl_coef={kl}',
+                         '--override', f'run.run_name={key}'],
+                        os.path.join(work, f'rl-{key}.log'))
+    for key, secs in wait(jobs).items():
+        seconds[f'rl {key}'] = secs
+        runs[key] = os.path.dirname(sorted(glob.glob(os.path.join(work, key, '*', 'predictor.json')))[-1])
+    labels_of = {key: (f'RL, kl_coef={kl:g}' if reward_type == 'class_posterior' else
+                       f'RL on log p(x given y), kl_coef={kl:g}') for key, (reward_type, kl) in specs.items()}
 
     # Held-out evaluation: noises and labels from a generator that neither training nor RL uses.
     net = digit_mixture()
@@ -120,7 +128,7 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
     cov_q[np.diag_indices_from(cov_q)] += QUANTIZATION_VARIANCE
     rows = {}
     samples = {'exact ODE solution': exact}
-    preds = {'distilled EPD': distilled, **{f'RL, kl_coef={kl:g}': runs[kl] for kl in kls}}
+    preds = {'distilled EPD': distilled, **{labels_of[key]: folder for key, folder in runs.items()}}
     for name, folder in preds.items():
         p = training.load_predictor(folder)
         with torch.no_grad():
@@ -131,10 +139,10 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
                           dens=dens(x, labels).numpy(), err=err, fd=pixel_fd(x, mu, cov_q))
 
     iter_sec = {}
-    for kl, folder in runs.items():
+    for key, folder in runs.items():
         m = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
-        iter_sec[kl] = float(np.median([r['iter_sec'] for r in m]))
-    plot(runs, os.path.join(os.path.dirname(out), 'rl_curves.png'))
+        iter_sec[labels_of[key]] = float(np.median([r['iter_sec'] for r in m]))
+    plot({labels_of[key]: folder for key, folder in runs.items()}, os.path.join(os.path.dirname(out), 'rl_curves.png'))
 
     # Stage times of the runs themselves survive a --reuse (kept beside them).
     times_path = os.path.join(work, 'stage_seconds.json')
@@ -143,6 +151,7 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
     with open(times_path, 'w') as f:
         json.dump(seconds, f)
     base = rows['distilled EPD']['reward']
+    base_dens = rows['distilled EPD']['dens']
     lines = ['# RDPO on the analytic digits (NFE 5)', '',
              '`python bench/bench_rl.py` (regenerates this page and `rl_curves.png`). The class-conditional analytic',
              'mixture `gmm_digits`; EPD with K = 2 points, 4 time points and AFS (NFE 5) distilled by `train.py`',
@@ -151,24 +160,30 @@ def main(kimg, steps, kl_coefs, num_eval, work, reuse, out):
              f'exact class posterior at sigma = {cfg_sigma:g} as the',
              'reward (at sigma = 0 every distilled sample already scores 1.0: the digits lie far apart). Held-out:',
              f'{num_eval} noises and labels drawn from a generator neither stage uses; the policy mean is exported',
-             'as an EPD predictor and sampled deterministically.', '',
+             'as an EPD predictor and sampled deterministically. One more run rewards the exact log-density',
+             f'log p(x given y) per dimension instead (`--override reward.type=log_density`, kl_coef {density_kl:g}).',
+             '',
              '| sampler | reward p(y given x) at sigma 8 [95% CI] | change vs distilled [95% CI] | p(y given x) at 0 '
-             '| log p(x given y) / dim | RMSE to exact ODE | pixel FD |',
+             '| log p(x given y) / dim [change vs distilled, 95% CI] | RMSE to exact ODE | pixel FD |',
              '|---|---|---|---|---|---|---|']
     for name, r in rows.items():
         lo, hi = bootstrap_mean(r['reward'])
         dlo, dhi = bootstrap_diff(r['reward'], base)
         delta = '' if name == 'distilled EPD' else \
             f"{r['reward'].mean() - base.mean():+.4f} [{dlo:+.4f}, {dhi:+.4f}]"
+        plo, phi = bootstrap_diff(r['dens'], base_dens)
+        ddens = '' if name == 'distilled EPD' else \
+            f" [{r['dens'].mean() - base_dens.mean():+.4f}: {plo:+.4f}, {phi:+.4f}]"
         lines.append(f"| {name} | {r['reward'].mean():.4f} [{lo:.4f}, {hi:.4f}] | {delta} | "
-                     f"{r['post0'].mean():.4f} | {r['dens'].mean():.4f} | {r['err'].mean():.4f} | {r['fd']:.4f} |")
+                     f"{r['post0'].mean():.4f} | {r['dens'].mean():.4f}{ddens} | {r['err'].mean():.4f} | "
+                     f"{r['fd']:.4f} |")
     lines += ['', 'RMSE per pixel to the exact solution of the same noise and label; pixel FD against the exact data',
               'distribution (with PNG quantisation), which at this sample size is far from 0 even for the exact',
               'solutions (the first row is that floor).', '',
               '![reward and KL curves](rl_curves.png)', '',
               '| run | median wall time per PPO iteration (rollout of 64 + 2 epochs x 2 minibatches), 2 shared CPU '
               'cores |', '|---|---|']
-    lines += [f'| kl_coef={kl:g} | {s:.2f} s |' for kl, s in iter_sec.items()]
+    lines += [f'| {name} | {s:.2f} s |' for name, s in iter_sec.items()]
     lines += ['', 'Stage wall times this run: ' + ', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()) + '.', '']
     write_report(out, lines)
     print('\n'.join(lines))
@@ -180,14 +195,15 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
     from torch_utils.image_io import atomic_write
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    for kl, folder in runs.items():
+    for name, folder in runs.items():
         m = [json.loads(line) for line in open(os.path.join(folder, 'metrics.jsonl'))]
         s = [r['step'] for r in m]
-        ax[0].plot(s, [r['reward_mean'] for r in m], label=f'kl_coef={kl:g}')
+        ax[0].plot(s, [r['reward_mean'] for r in m], label=name)
         held = [(r['step'], r['heldout_reward']) for r in m if r.get('heldout_reward') is not None]
-        ax[1].plot(*zip(*held), 'o-', label=f'kl_coef={kl:g}')
-        ax[2].plot(s, [r['kl'] for r in m], label=f'kl_coef={kl:g}')
-    for a, t in zip(ax, ('rollout reward', 'held-out reward (policy mean)', 'KL to the cold start')):
+        ax[1].plot(*zip(*held), 'o-', label=name)
+        ax[2].plot(s, [max(r['kl'], 1e-12) for r in m], label=name)
+    for a, t in zip(ax, ('rollout reward (its own)', 'held-out reward (its own, policy mean)',
+                         'KL to the cold start')):
         a.set_xlabel('PPO step'); a.set_title(t); a.legend()
     ax[2].set_yscale('log')
     fig.tight_layout()
