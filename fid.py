@@ -555,6 +555,9 @@ def score(image_path, scorer_name, options, prompts_path, dataset_name, class_id
     try:
         scorer = load_scorer(scorer_name, option_prefix=f'--option {scorer_name}', batch_size=batch, net=net,
                              **opts).to(device)
+        if getattr(scorer, 'needs_start', False):
+            raise ScorerError(f"--scorer={scorer_name} compares each image with the exact solution of the noise it "
+                              "started from, which a folder of images does not keep; it is a reward of training.rl")
         total = torch.zeros(3, dtype=torch.float64, device=device)
         for idx in dist.rank_batches(len(image_set), batch):
             idx = idx.tolist()

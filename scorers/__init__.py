@@ -5,9 +5,11 @@ class posterior and log-density). One calling convention and one loading rule:
     scorer(images, targets) -> [B] float64
 
 images: [B, C, H, W] in [-1, 1] (what `net.decode` returns); targets: a list of B prompts (text scorers) or
-B class labels (ints or one-hot rows, class scorers). Weights come from local files only (safetensors, or torch
-pickles read with weights_only=True); nothing in a file is executed. A missing file is one ScorerError line
-naming the file, where it comes from and the option that sets it.
+B class labels (ints or one-hot rows, class scorers). A scorer with `needs_start = True` (neg_error: the error to
+the exact ODE solution of the same noise) also takes start=dict(noise, sigmas, cond), which only a sampler has.
+Weights come from local files only (safetensors, or torch pickles read with weights_only=True); nothing in a
+file is executed. A missing file is one ScorerError line naming the file, where it comes from and the option
+that sets it.
 
 Each scorer also has `normalise(scores)`, the map into roughly [0, 1] that `multi` uses to weight heads
 (the reference's: HPS clamp(s, 0, 1), PickScore clamp(s / 26, 0, 1), CLIP clamp(s, 0, 1), aesthetic
@@ -34,6 +36,7 @@ def load_scorer(name, option_prefix='reward', **options):
     error messages (e.g. 'reward' -> 'reward.weights_path')."""
     from scorers import analytic, clip, imagereward, mps, multi, pickscore
     table = dict(class_posterior=analytic.ClassPosterior, log_density=analytic.LogDensity,
+                 neg_error=analytic.NegError,
                  hps=clip.HPSv2, clip=clip.CLIPScore, aesthetic=clip.Aesthetic, pickscore=pickscore.PickScore,
                  imagereward=imagereward.ImageReward, mps=mps.MPS, multi=multi.Multi)
     if name not in table:
@@ -41,5 +44,5 @@ def load_scorer(name, option_prefix='reward', **options):
     return table[name](option_prefix=option_prefix, **options)
 
 
-SCORERS = ('class_posterior', 'log_density', 'hps', 'clip', 'aesthetic', 'pickscore', 'imagereward', 'multi',
-           'mps')     # mps: evaluation only
+SCORERS = ('class_posterior', 'log_density', 'neg_error', 'hps', 'clip', 'aesthetic', 'pickscore', 'imagereward',
+           'multi', 'mps')     # mps: evaluation only; neg_error: inside a sampler only

@@ -66,3 +66,34 @@ class LogDensity(AnalyticScorer):
             cond = torch.nn.functional.one_hot(labels, self.net.label_dim).to(torch.float64)
         logp = self.net.log_density(images.to(torch.float64), 0.0, cond)
         return logp / images[0].numel() if self.per_dim else logp
+
+
+class NegError(torch.nn.Module):
+    """-RMSE per pixel between each image and the exact ODE solution (solvers/exact.py) from the same noise and
+    condition over the same sigma range: distillation's own target as a reward, the check that RL against it
+    does not end worse than distillation. It needs the start of each image, so only a sampler can call it:
+    start = dict(noise=x at sigmas[0], sigmas=the sampler's grid, cond=the denoiser's condition)."""
+    name = 'neg_error'
+    needs_start = True
+
+    def __init__(self, net=None, rtol=1e-5, atol=1e-5, option_prefix='reward', **_):
+        super().__init__()
+        if net is None:
+            raise ScorerError("the neg_error reward needs the model whose exact ODE solution it compares with")
+        self.net, self.rtol, self.atol = net, float(rtol), float(atol)
+
+    def normalise(self, scores):
+        return scores
+
+    @torch.no_grad()
+    def forward(self, images, targets=None, start=None):
+        from solvers.exact import solve_exact
+        if start is None:
+            raise ScorerError("neg_error needs the noise each image started from: it is a reward inside a sampler "
+                              "(training.rl), not a score of finished images")
+        sigmas, cond = start['sigmas'], start.get('cond')
+        cond = None if cond is None else cond.to(torch.float64)
+        exact = solve_exact(self.net, start['noise'].to(torch.float64), float(sigmas[0]), float(sigmas[-1]), cond,
+                            rtol=self.rtol, atol=self.atol)
+        diff = images.to(torch.float64) - self.net.decode(exact).to(torch.float64)
+        return -(diff.flatten(1).pow(2).mean(1).sqrt())

@@ -23,10 +23,12 @@ class Multi(torch.nn.Module):
             opts.setdefault('batch_size', batch_size)
             self.heads[name] = load_scorer(name, option_prefix=f'{option_prefix}.multi.{name}', net=net, **opts)
         self.last_heads = {}
+        self.needs_start = any(getattr(h, 'needs_start', False) for h in self.heads.values())
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, start=None):
         total = sum(self.weights.values())
-        raw = {name: head(images, targets) for name, head in self.heads.items()}
+        raw = {name: (head(images, targets, start=start) if getattr(head, 'needs_start', False)
+                      else head(images, targets)) for name, head in self.heads.items()}
         self.last_heads = {k: v.detach() for k, v in raw.items()}
         return sum(self.weights[k] * self.heads[k].normalise(v) for k, v in raw.items()) / total
 

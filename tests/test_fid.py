@@ -548,7 +548,8 @@ def test_score_equals_the_reward_models_own_forward(tmp_path):
     # Bad input: one line naming the option.
     for extra, message in [(['--option=weights_path=x'], "must read hps.KEY=VALUE"),
                            ([f'--option=hps.weights_path={tmp_path / "none.pt"}'], '--option hps.weights_path'),
-                           (['--scorer=nope'], '--scorer=nope: unknown')]:
+                           (['--scorer=nope'], '--scorer=nope: unknown'),
+                           (['--scorer=neg_error', '--dataset_name=gmm_digits'], 'a reward of training.rl')]:
         r = CliRunner().invoke(fid.main, base + extra)
         assert r.exit_code != 0 and message in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1, r.output

@@ -208,3 +208,27 @@ def test_multi_is_the_weighted_normalised_mean(digits):
     assert torch.equal(multi.last_heads['class_posterior'], p)
     with pytest.raises(ScorerError, match='positive weight'):
         load_scorer('multi', net=digits, weights=dict(hps=0))
+
+
+def test_neg_error_is_the_distance_to_the_exact_solution_of_the_same_noise(digits):
+    """-RMSE per pixel to the exact ODE solution of each image's own noise and class (tight-tolerance ground truth),
+    alone and inside multi; without the start it is refused (a folder of images does not keep its noise)."""
+    from solvers.exact import solve_exact
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([1, 4, 4])
+    cond = torch.nn.functional.one_hot(labels, 10).to(torch.float64)
+    noise = 80 * torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    sigmas = torch.tensor([80.0, 3.0, 0.002], dtype=torch.float64)
+    exact = solve_exact(digits, noise, 80.0, 0.002, cond, rtol=1e-10, atol=1e-10)
+    scale = torch.tensor([0.0, 0.1, 0.5], dtype=torch.float64)[:, None, None, None]
+    delta = torch.randn(noise.shape, generator=g, dtype=torch.float64) * scale
+    start = dict(noise=noise, sigmas=sigmas, cond=cond)
+    got = load_scorer('neg_error', net=digits)(exact + delta, labels, start=start)
+    want = -delta.flatten(1).pow(2).mean(1).sqrt()
+    assert torch.allclose(got, want, atol=1e-4) and got[0] > -1e-4 and got[2] < -0.4
+    multi = load_scorer('multi', net=digits, weights=dict(neg_error=1.0, class_posterior=1.0))
+    assert multi.needs_start
+    p = load_scorer('class_posterior', net=digits)(exact + delta, labels)
+    assert torch.allclose(multi(exact + delta, labels, start=start), (got + p) / 2, atol=1e-9)
+    with pytest.raises(ScorerError, match='noise each image started from'):
+        load_scorer('neg_error', net=digits)(exact, labels)

@@ -360,7 +360,8 @@ def ppo_update(policy, optimizer, action, old_logp, adv, own, ppo, seed, iterati
 
 # ---- config ------------------------------------------------------------------------------------------------------
 
-SCORER_NAMES = ('hps', 'pickscore', 'imagereward', 'clip', 'aesthetic', 'class_posterior', 'log_density')
+SCORER_NAMES = ('hps', 'pickscore', 'imagereward', 'clip', 'aesthetic', 'class_posterior', 'log_density',
+                'neg_error')
 DEFAULTS = dict(
     run=dict(output_root='exps', run_name='rl', seed=0),
     data=dict(predictor_snapshot=None, prompt_csv=None),
@@ -376,7 +377,8 @@ DEFAULTS = dict(
                                             reference_shift=False),
                            clip=dict(weights_path=None, arch=None, cache_dir=None),
                            aesthetic=dict(predictor_path=None, clip_path=None, arch=None),
-                           class_posterior=dict(sigma=0.0), log_density=dict(per_dim=True))),
+                           class_posterior=dict(sigma=0.0), log_density=dict(per_dim=True),
+                           neg_error=dict(rtol=1e-5, atol=1e-5))),
     ppo=dict(rollout_batch_size=32, rloo_k=4, ppo_epochs=1, minibatch_size=16, learning_rate=5e-5, clip_range=0.2,
              kl_coef=0.01, entropy_coef=0.0, max_grad_norm=1.0, decode_rgb=True, steps=10,
              dirichlet_concentration=20.0, scale_std=0.05, train_scale_dir=None, train_scale_time=None,
@@ -465,7 +467,7 @@ def reward_options(cfg, net):
         opts.update(sigma=rw['sigma'])
     elif name == 'log_density':
         opts.update(per_dim=rw['per_dim'])
-    elif name in ('pickscore', 'aesthetic', 'imagereward'):
+    elif name in ('pickscore', 'aesthetic', 'imagereward', 'neg_error'):
         # Their files are set where the reference sets them, under reward.multi.<name>; errors name those keys.
         opts.update(rw['multi'][name], option_prefix=f'reward.multi.{name}')
         if name == 'aesthetic':
@@ -554,11 +556,20 @@ def rollout(net, policy, settings, scorer, prompts, cfg, iteration, device):
         old_logp = policy.log_prob(action)
         tables = policy.action_tables(action)
         sigmas = solvers_schedule(net, settings, latents)
-        x = sample_tables(net, latents, sigmas, draw_conditions(net, targets, device, dtype), tables, settings)
+        cond = draw_conditions(net, targets, device, dtype)
+        x = sample_tables(net, latents, sigmas, cond, tables, settings)
         images = net.decode(x)
-        rewards = scorer(images, targets).to(torch.float64).reshape(-1)
+        rewards = score(scorer, images, targets, latents * sigmas[0], sigmas, cond).to(torch.float64).reshape(-1)
     heads = {name: v.mean().item() for name, v in getattr(scorer, 'last_heads', {}).items()}
     return action, old_logp, rewards, own, heads
+
+
+def score(scorer, images, targets, noise, sigmas, cond):
+    """The scorer's rewards [B]; a scorer that needs each image's start (neg_error) also gets its noise, the grid
+    and the condition."""
+    if getattr(scorer, 'needs_start', False):
+        return scorer(images, targets, start=dict(noise=noise, sigmas=sigmas, cond=cond))
+    return scorer(images, targets)
 
 
 def solvers_schedule(net, settings, like):
@@ -625,10 +636,12 @@ def heldout_reward(net, policy, settings, scorer, prompts, cfg, device, count):
     dtype = torch.float64 if settings.get('dtype') == 'float64' else torch.float32
     latents = unit_latents(net, [mix_seed(seed, STREAM_EVAL, j) for j in ids], dtype, device)
     tables = {name: v[None].expand(count, -1, -1) for name, v in policy.mean_table().items()}
+    sigmas = solvers_schedule(net, settings, latents)
+    cond = draw_conditions(net, targets, device, dtype)
     with torch.no_grad():
-        x = sample_tables(net, latents, solvers_schedule(net, settings, latents),
-                          draw_conditions(net, targets, device, dtype), tables, settings)
-        return scorer(net.decode(x), targets).to(torch.float64).mean().item()
+        x = sample_tables(net, latents, sigmas, cond, tables, settings)
+        rewards = score(scorer, net.decode(x), targets, latents * sigmas[0], sigmas, cond)
+        return rewards.to(torch.float64).mean().item()
 
 
 def train(cfg, run_dir, device, resume=False, log=print, built=None):
