@@ -1,6 +1,8 @@
 """RDPO on the class-conditional analytic digits, NFE 5, from a distilled EPD predictor: the held-out reward
 (exact class posterior) before and after RL, with the error to the exact ODE solution and the pixel FD to the exact
-data distribution beside it, with the KL penalty on (the default) and off, and a run rewarding the exact log-density.
+data distribution beside it, with the KL penalty on (the default) and off, a run rewarding the exact log-density,
+and a run rewarding minus the error to the exact ODE solution of the image's own noise (there RL must not end worse
+than distillation).
 
     python bench/bench_rl.py --out=docs/rl.md          # distils, runs both RL runs, evaluates (a few minutes)
     python bench/bench_rl.py --reuse=DIR                # reuse the distilled predictor and runs in DIR
@@ -70,15 +72,18 @@ def bootstrap_diff(a, b, draws=2000, seed=0):
 @click.option('--kl', 'kl_coefs', metavar='LIST', default='0.05,0', help='kl_coef of the class-posterior RL runs')
 @click.option('--density_kl', metavar='FLOAT', type=float, default=0.05,
               help='kl_coef of the run with the exact log-density reward')
+@click.option('--error_kl', metavar='FLOAT', type=float, default=0.05,
+              help='kl_coef of the run rewarding minus the error to the exact solution')
 @click.option('--num_eval', metavar='INT', type=int, default=256, help='Held-out samples')
 @click.option('--work', metavar='DIR', default=os.path.join(ROOT, 'exps', 'bench_rl'), help='Where runs go')
 @click.option('--reuse', is_flag=True, help='Reuse the distilled predictor and RL runs already in --work')
 @click.option('--out', metavar='MD', default=os.path.join(ROOT, 'docs', 'rl.md'), help='Report page')
-def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
+def main(kimg, steps, kl_coefs, density_kl, error_kl, num_eval, work, reuse, out):
     kls = [float(v) for v in kl_coefs.split(',')]
     # run name -> (reward, kl_coef); each run's folder and log are named by it.
     specs = {f'kl{kl:g}': ('class_posterior', kl) for kl in kls}
     specs[f'density-kl{density_kl:g}'] = ('log_density', density_kl)
+    specs[f'error-kl{error_kl:g}'] = ('neg_error', error_kl)
     os.makedirs(work, exist_ok=True)
     distilled = next(iter(sorted(glob.glob(os.path.join(work, 'distil', '*', 'predictor.json')))), None)
     seconds = {}
@@ -104,8 +109,9 @@ def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
     for key, secs in wait(jobs).items():
         seconds[f'rl {key}'] = secs
         runs[key] = os.path.dirname(sorted(glob.glob(os.path.join(work, key, '*', 'predictor.json')))[-1])
-    labels_of = {key: (f'RL, kl_coef={kl:g}' if reward_type == 'class_posterior' else
-                       f'RL on log p(x given y), kl_coef={kl:g}') for key, (reward_type, kl) in specs.items()}
+    reward_label = {'class_posterior': 'RL', 'log_density': 'RL on log p(x given y)',
+                    'neg_error': 'RL on minus the error to exact'}
+    labels_of = {key: f'{reward_label[reward_type]}, kl_coef={kl:g}' for key, (reward_type, kl) in specs.items()}
 
     # Held-out evaluation: noises and labels from a generator that neither training nor RL uses.
     net = digit_mixture()
@@ -152,6 +158,7 @@ def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
         json.dump(seconds, f)
     base = rows['distilled EPD']['reward']
     base_dens = rows['distilled EPD']['dens']
+    base_err = rows['distilled EPD']['err']
     lines = ['# RDPO on the analytic digits (NFE 5)', '',
              '`python bench/bench_rl.py` (regenerates this page and `rl_curves.png`). The class-conditional analytic',
              'mixture `gmm_digits`; EPD with K = 2 points, 4 time points and AFS (NFE 5) distilled by `train.py`',
@@ -161,10 +168,14 @@ def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
              'reward (at sigma = 0 every distilled sample already scores 1.0: the digits lie far apart). Held-out:',
              f'{num_eval} noises and labels drawn from a generator neither stage uses; the policy mean is exported',
              'as an EPD predictor and sampled deterministically. One more run rewards the exact log-density',
-             f'log p(x given y) per dimension instead (`--override reward.type=log_density`, kl_coef {density_kl:g}).',
+             f'log p(x given y) per dimension instead (`--override reward.type=log_density`, kl_coef {density_kl:g}),',
+             'and one rewards minus the RMSE to the exact ODE solution of the same noise and label',
+             f'(`--override reward.type=neg_error`, kl_coef {error_kl:g}): a reward that cannot be hacked, so RL',
+             'must not end worse than the distilled start on it.',
              '',
              '| sampler | reward p(y given x) at sigma 8 [95% CI] | change vs distilled [95% CI] | p(y given x) at 0 '
-             '| log p(x given y) / dim [change vs distilled, 95% CI] | RMSE to exact ODE | pixel FD |',
+             '| log p(x given y) / dim [change vs distilled, 95% CI] | RMSE to exact ODE [change vs distilled, 95% CI] '
+             '| pixel FD |',
              '|---|---|---|---|---|---|---|']
     for name, r in rows.items():
         lo, hi = bootstrap_mean(r['reward'])
@@ -174,15 +185,18 @@ def main(kimg, steps, kl_coefs, density_kl, num_eval, work, reuse, out):
         plo, phi = bootstrap_diff(r['dens'], base_dens)
         ddens = '' if name == 'distilled EPD' else \
             f" [{r['dens'].mean() - base_dens.mean():+.4f}: {plo:+.4f}, {phi:+.4f}]"
+        elo, ehi = bootstrap_diff(r['err'], base_err)
+        derr = '' if name == 'distilled EPD' else \
+            f" [{r['err'].mean() - base_err.mean():+.4f}: {elo:+.4f}, {ehi:+.4f}]"
         lines.append(f"| {name} | {r['reward'].mean():.4f} [{lo:.4f}, {hi:.4f}] | {delta} | "
-                     f"{r['post0'].mean():.4f} | {r['dens'].mean():.4f}{ddens} | {r['err'].mean():.4f} | "
+                     f"{r['post0'].mean():.4f} | {r['dens'].mean():.4f}{ddens} | {r['err'].mean():.4f}{derr} | "
                      f"{r['fd']:.4f} |")
     lines += ['', 'RMSE per pixel to the exact solution of the same noise and label; pixel FD against the exact data',
               'distribution (with PNG quantisation), which at this sample size is far from 0 even for the exact',
               'solutions (the first row is that floor).', '',
               '![reward and KL curves](rl_curves.png)', '',
-              '| run | median wall time per PPO iteration (rollout of 64 + 2 epochs x 2 minibatches), 2 shared CPU '
-              'cores |', '|---|---|']
+              '| run | median wall time per PPO iteration (rollout of 64 + 2 epochs x 2 minibatches; all runs at once on 2 shared CPU '
+              'cores) |', '|---|---|']
     lines += [f'| {name} | {s:.2f} s |' for name, s in iter_sec.items()]
     lines += ['', 'Stage wall times this run: ' + ', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()) + '.', '']
     write_report(out, lines)
