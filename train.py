@@ -38,7 +38,7 @@ STATS_FILE = 'stats.jsonl'
 TRAIN_DEFAULTS = dict(sampler_stu='epd', sampler_tea='dpm', num_steps=4, M=3, num_points=2, afs=True, scale_dir=0.05,
                       scale_time=0.05, fcn=False, loss=None, alpha=10.0, schedule_type='polynomial',
                       schedule_rho=7.0, predict_x0=True, lower_order_final=True, prompt_path=None, batch=64,
-                      total_kimg=10.0, lr=0.01, coslr=False, dtype='float32')
+                      total_kimg=10.0, lr=0.01, coslr=False, dtype='float32', learn_schedule=False)
 
 
 class UsageError(Exception):
@@ -121,7 +121,7 @@ def recorded_values(options):
     values = {k: s[k] for k in ('sampler_stu', 'sampler_tea', 'num_steps', 'M', 'afs', 'scale_dir', 'scale_time',
                                 'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max',
                                 'max_order', 'predict_x0', 'lower_order_final', 'guidance_type', 'guidance_rate',
-                                'dtype') if k in s}
+                                'dtype', 'learn_schedule') if k in s}
     values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'coslr', 'seed', 'model_path', 'prompt_path',
                                            'classifier_path', 'resolution') if k in options})
     values['dataset_name'] = options.get('dataset_config', s['dataset_name'])
@@ -210,6 +210,7 @@ class Logger:
 @click.option('--inception_path', metavar='PATH', default=None, help='Inception-v3 detector for --loss=inception')
 @click.option('--schedule_type', metavar='NAME', type=click.Choice(solvers.SCHEDULES), default=None, help='Time schedule [default: polynomial]')
 @click.option('--schedule_rho', metavar='FLOAT', type=float, default=None, help='Schedule exponent [default: 7]')
+@click.option('--learn_schedule', metavar='BOOL', type=bool, default=None, help='Learn the time grid with the tables (LD3\'s parametrisation), starting from --schedule_type [default: False]')
 @click.option('--sigma_min', metavar='FLOAT', type=float, default=None, help='[default: the model\'s]')
 @click.option('--sigma_max', metavar='FLOAT', type=float, default=None, help='[default: the model\'s]')
 @click.option('--max_order', metavar='INT', type=int, default=None, help='Multistep order (iPNDM plugins, multistep teachers)')
@@ -263,7 +264,7 @@ def ld3_run(kwargs):
 
 
 def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M, num_points, afs, scale_dir,
-        scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, sigma_min, sigma_max, max_order,
+        scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, learn_schedule, sigma_min, sigma_max, max_order,
         predict_x0, lower_order_final, guidance_type, guidance_rate, prompt_path, batch, batch_gpu, total_kimg, lr,
         coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None, resolution=None):
     dist.init()
@@ -277,8 +278,9 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
         'sampler_stu', 'sampler_tea', 'num_steps', 'M', 'num_points', 'afs'))
     scale_dir, scale_time, fcn, loss, alpha, schedule_type, schedule_rho = (opts[k] for k in (
         'scale_dir', 'scale_time', 'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho'))
-    predict_x0, lower_order_final, prompt_path, batch, total_kimg, lr, coslr, dtype = (opts[k] for k in (
-        'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype'))
+    predict_x0, lower_order_final, prompt_path, batch, total_kimg, lr, coslr, dtype, learn_schedule = (opts[k] for k in (
+        'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype',
+        'learn_schedule'))
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
@@ -295,6 +297,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                     max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                     guidance_type=guidance_type, guidance_rate=guidance_rate,
                     sample_shape=list(net.sample_shape), dtype=dtype)
+    if learn_schedule:
+        settings['learn_schedule'] = True
     check_solver_options(opts, settings['sigma_min'], settings['sigma_max'], max_order)   # with the model's range
     prompts = None
     if getattr(net, 'prompt_keys', None):
@@ -324,7 +328,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
                              '--loss=l2 or --loss=rmse)') from None
     nfe = 2 * (num_steps - 1) - int(afs)
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
-        ('-afs' if afs else '') + (f'-{desc}' if desc else '')
+        ('-learned' if learn_schedule else '') + ('-afs' if afs else '') + (f'-{desc}' if desc else '')
     options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
                    seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path, resolution=resolution,
                    prompt_path=prompt_path,
@@ -363,6 +367,9 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
 
     torch_dtype = torch.float64 if dtype == 'float64' else torch.float32
     predictor = training.PREDICTORS[kind](settings, generator=torch.Generator().manual_seed(seed)).to(device)
+    if learn_schedule:        # the learned grid starts at the chosen hand-made one
+        predictor.start_grid(solvers.get_schedule(num_steps, settings['sigma_min'], settings['sigma_max'],
+                                                  schedule_type, schedule_rho, net=net).to(device))
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
     total_iters = max(1, math.ceil(total_kimg * 1000 / batch))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iters, eta_min=lr * 0.01) \

@@ -6,6 +6,7 @@ through the model's own evaluation transform on uint8 PIL images (as the referen
 sample.py writes would be scored).
 """
 import logging
+import os
 
 import numpy as np
 import PIL.Image
@@ -56,11 +57,18 @@ def load_into(module, state, path, what, option):
 
 
 def load_open_clip(arch, path, what, source, option):
-    """(model, eval transform, tokenizer) of open_clip architecture `arch` with the weights of `path`."""
+    """(model, eval transform, tokenizer) of open_clip architecture `arch` with the weights of `path`. `arch` is
+    an architecture open_clip ships, or the path of a JSON model config of one it does not (named by its file)."""
     import open_clip
     require_file(path, what, source, option)
+    if arch.endswith('.json'):
+        if not os.path.isfile(arch):
+            raise ScorerError(f"{arch}: no such open_clip model config (JSON) for {what}")
+        open_clip.add_model_config(arch)
+        arch = os.path.splitext(os.path.basename(arch))[0]
     if arch not in open_clip.list_models():
-        raise ScorerError(f"unknown open_clip architecture {arch!r} for {what}")
+        raise ScorerError(f"unknown open_clip architecture {arch!r} for {what}; give a name open_clip ships or "
+                          "the path of a JSON model config")
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)        # "no pretrained weights loaded": we load them next
     try:

@@ -23,12 +23,15 @@ def digits():
     return digit_mixture()
 
 
-def distilled(tmp_path, num_steps=3, K=2, seed=0, afs=True, scale=0.3):
-    """An EPD predictor of gmm_digits with unsorted random tables (as distillation may leave them)."""
+def distilled(tmp_path, num_steps=3, K=2, seed=0, afs=True, scale=0.3, learn_schedule=False):
+    """An EPD predictor of gmm_digits with unsorted random tables (as distillation may leave them), and with
+    learn_schedule a random learned grid."""
     settings = dict(dataset_name='gmm_digits', sampler_stu='epd', sampler_tea='dpmpp', num_steps=num_steps, M=3,
                     num_points=K, afs=afs, scale_dir=scale, scale_time=scale, fcn=False, loss='rmse', alpha=10,
                     schedule_type='polynomial', schedule_rho=7, sigma_min=0.002, sigma_max=80.0, max_order=3,
                     sample_shape=[3, 32, 32], dtype='float64', guidance_type=None, guidance_rate=None)
+    if learn_schedule:
+        settings['learn_schedule'] = True
     p = EPDPredictor(settings)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -62,8 +65,9 @@ def test_per_image_tables_equal_the_shared_table_path(digits):
         assert torch.allclose(batched[i:i + 1], alone, rtol=0, atol=1e-10)
 
 
-def test_cold_start_sanitises_and_the_initial_policy_mean_is_the_distilled_table(tmp_path, digits):
-    predictor, _ = distilled(tmp_path, num_steps=4, K=3)
+@pytest.mark.parametrize('learn_schedule', [False, True])
+def test_cold_start_sanitises_and_the_initial_policy_mean_is_the_distilled_table(tmp_path, digits, learn_schedule):
+    predictor, _ = distilled(tmp_path, num_steps=4, K=3, learn_schedule=learn_schedule)
     tables, _ = rl.predictor_tables(predictor)
     base = rl.cold_start(predictor)
     r, w = base['r'], base['w']
@@ -78,6 +82,7 @@ def test_cold_start_sanitises_and_the_initial_policy_mean_is_the_distilled_table
                             torch.tensor([[0.4, 0.3, 0.3, 0.0]], dtype=torch.float64))
     assert torch.all(torch.diff(rr) > 0) and rr.min() > 0 and rr.max() < 1 and ww.min() > 0
     policy = rl.RDPOPolicy(base, 37.0, hidden_dim=16, num_layers=2, train_scale_dir=True, train_scale_time=True)
+    base['sigmas'] = predictor.schedule(digits).detach()
     mean = policy.mean_table()
     for key in ('r', 'w', 'c', 'a'):
         assert torch.allclose(mean[key], base[key], rtol=1e-12, atol=1e-12), key
@@ -88,6 +93,11 @@ def test_cold_start_sanitises_and_the_initial_policy_mean_is_the_distilled_table
     cond = torch.eye(10, dtype=torch.float64)[[2, 8]]
     assert torch.allclose(again.sample(digits, z, cond), predictor.sample(digits, z, cond), rtol=0, atol=1e-9)
     assert out.settings['afs'] == predictor.settings['afs']
+    # A learned grid goes over with the tables (and RL rolls out on it).
+    assert torch.equal(again.schedule(digits).detach(), base['sigmas'])
+    if learn_schedule:
+        hand_made = EPDPredictor(dict(predictor.settings, learn_schedule=False)).schedule(digits)
+        assert (base['sigmas'] - hand_made).abs().max() > 1e-3
 
 
 def test_dirichlet_log_prob_entropy_and_kl_equal_scipy():

@@ -20,15 +20,25 @@ from solvers.exact import solve_exact
 TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm', 'unipc', 'exact')
 
 
+def subdivide(sigmas, M):
+    """The grid with M points inserted in each interval, geometrically (uniform in log sigma)."""
+    u = torch.arange(M + 1, dtype=sigmas.dtype, device=sigmas.device) / (M + 1)
+    logs = torch.log(sigmas)
+    inner = logs[:-1, None] + u * (logs[1:] - logs[:-1])[:, None]
+    return torch.cat([inner.reshape(-1).exp(), sigmas[-1:]])
+
+
 def teacher_states(net, x, sigmas, cond, sampler_tea, M, schedule_type, schedule_rho, max_order=None):
     """The teacher's states at the student's time points [N, B, ...]: the teacher runs on a grid of
-    (M + 1)(N - 1) + 1 points of the same schedule (its every (M+1)-th point is a student point), or exactly."""
+    (M + 1)(N - 1) + 1 points of the same schedule (its every (M+1)-th point is a student point), or exactly.
+    schedule_type None (a learned student grid): the student's grid subdivided geometrically."""
+    sigmas = sigmas.detach()
     with torch.no_grad():
         if sampler_tea == 'exact':
             return solve_exact(net, x, sigmas[0], sigmas[-1], cond, at_sigmas=sigmas, rtol=1e-7, atol=1e-7)
         num = (M + 1) * (len(sigmas) - 1) + 1
-        fine = solvers.get_schedule(num, float(sigmas[-1]), float(sigmas[0]), schedule_type, schedule_rho,
-                                    net=net).to(x)
+        fine = subdivide(sigmas, M).to(x) if schedule_type is None else \
+            solvers.get_schedule(num, float(sigmas[-1]), float(sigmas[0]), schedule_type, schedule_rho, net=net).to(x)
         info = solvers.SOLVERS[sampler_tea]
         order = info.default_order if max_order is None or max_order not in info.orders else max_order
         _, traj = info.fn(net, x, fine, cond, return_trajectory=True, max_order=order)
@@ -53,7 +63,8 @@ def distill_loss(predictor, net, latents, cond, settings, feature_net=None, glob
     """The objective on one (part of a) batch, normalised by the global batch; returns (loss, per-step L2)."""
     sigmas = predictor.schedule(net).to(device=latents.device, dtype=latents.dtype)
     x0 = latents * sigmas[0]
-    target = teacher_states(net, x0, sigmas, cond, settings['sampler_tea'], settings['M'], settings['schedule_type'],
+    target = teacher_states(net, x0.detach(), sigmas, cond, settings['sampler_tea'], settings['M'],
+                            None if settings.get('learn_schedule') else settings['schedule_type'],
                             settings['schedule_rho'], settings.get('max_order'))
     _, traj = predictor.solve(net, x0, sigmas, cond, return_trajectory=True)
     # Squared errors of the states in the variance-preserving scale x / sqrt(1 + sigma^2), so that the early,

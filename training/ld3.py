@@ -41,7 +41,7 @@ import training
 from torch_utils import distributed as dist
 from torch_utils.image_io import atomic_write
 from training.distill import draw_batch
-from training.predictors import LD3Predictor, ld3_grid
+from training.predictors import LD3Predictor, ld3_grid, theta_for
 
 LOSSES = ('RMSE', 'L2', 'L1', 'LPIPS')
 STATE_FILE = 'ld3-state.pt'
@@ -191,14 +191,6 @@ def teacher_data(net, meta, count, data_dir, dtype, device, prompts=None, log=pr
 
 
 # -- training ---------------------------------------------------------------------------------------------------
-
-def theta_for(sigmas):
-    """theta that gives exactly this grid (up to rounding): the grid's gaps in log sigma are proportional to
-    exp(theta[1:]); theta[0] does not enter the grid (set to the mean)."""
-    gaps = torch.log(sigmas[:-1].to(torch.float64) / sigmas[1:].to(torch.float64))
-    theta = torch.log(gaps / gaps.sum())
-    return torch.cat([theta.mean().reshape(1), theta])
-
 
 def project(z, z0, radius):
     """z moved radially onto the L2 ball of `radius` around z0 (per sample) where it lies outside."""

@@ -29,8 +29,22 @@ class LearnedPredictor(torch.nn.Module):
         super().__init__()
         self.settings = dict(settings)
 
+    def learn_grid(self):
+        """With settings['learn_schedule'], the time grid is a parameter too (LD3's: log-sigma gaps proportional to
+        softmax(schedule_theta), ends pinned at sigma_max and sigma_min); start_grid() sets it to a given grid."""
+        if self.settings.get('learn_schedule'):
+            self.schedule_theta = torch.nn.Parameter(torch.ones(self.settings['num_steps'], dtype=torch.float64))
+
+    def start_grid(self, sigmas):
+        with torch.no_grad():
+            self.schedule_theta.copy_(theta_for(sigmas))
+
     def schedule(self, net):
+        """The time grid; a learned one keeps its gradient (train.py trains it; sampling runs under no_grad)."""
         s = self.settings
+        if s.get('learn_schedule'):
+            return ld3_grid(self.schedule_theta, torch.zeros_like(self.schedule_theta), s['sigma_min'],
+                            s['sigma_max'], 0.0)[0]
         if s.get('t_steps'):   # an explicit grid (a converted reference predictor keeps the grid it was trained on)
             return torch.tensor(s['t_steps'], dtype=torch.float64)
         return solvers.get_schedule(s['num_steps'], s['sigma_min'], s['sigma_max'], s['schedule_type'],
@@ -49,7 +63,8 @@ class LearnedPredictor(torch.nn.Module):
     def summary(self):
         s = self.settings
         return dict(solver=s['sampler_stu'], predictor=self.kind, num_steps=s['num_steps'],
-                    schedule_type=s['schedule_type'], schedule_rho=s['schedule_rho'], afs=s['afs'],
+                    schedule_type='learned' if s.get('learn_schedule') else s['schedule_type'],
+                    schedule_rho=s['schedule_rho'], afs=s['afs'],
                     sigma_min=s['sigma_min'], sigma_max=s['sigma_max'])
 
     def sampling_options(self):
@@ -89,6 +104,7 @@ class EPDPredictor(LearnedPredictor):
         self.scale_dir_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
         self.scale_time_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
         self.weight_params = torch.nn.Parameter(torch.zeros(steps, K, dtype=torch.float64))
+        self.learn_grid()
 
     def table(self, step, dtype=torch.float64):
         s = self.settings
@@ -181,6 +197,7 @@ class AMEDPredictor(LearnedPredictor):
             for layer in (self.feature_net[0], self.feature_net[2], self.time_net, self.head):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(layer.in_features))
                 layer.bias.zero_()
+        self.learn_grid()
         self.double()
 
     def params(self, feature, t_cur, t_next):
@@ -205,6 +222,14 @@ class AMEDPredictor(LearnedPredictor):
         return amed(net, x, sigmas, cond, params=self.params, base=base, afs=afs, feature_dim=s['feature_dim'],
                     max_order=s.get('max_order') or 3, predict_x0=s.get('predict_x0', True),
                     lower_order_final=s.get('lower_order_final', True), return_trajectory=return_trajectory)
+
+
+def theta_for(sigmas):
+    """theta that gives exactly this grid (up to rounding): the grid's gaps in log sigma are proportional to
+    exp(theta[1:]); theta[0] does not enter the grid (set to the mean)."""
+    gaps = torch.log(sigmas[:-1].to(torch.float64) / sigmas[1:].to(torch.float64))
+    theta = torch.log(gaps / gaps.sum())
+    return torch.cat([theta.mean().reshape(1), theta])
 
 
 def ld3_grid(theta, delta, sigma_min, sigma_max, win_rate):

@@ -483,9 +483,24 @@ def model_config_name(dataset_name, settings):
     """The model config (configs/<name>.yaml) of an RL run: the predictor's own (its `config`, as sample.py reads
     it, else its dataset_name); model.dataset_name, when given, must name that one."""
     theirs = settings.get('config') or settings['dataset_name']
+    if dataset_name is not None and str(dataset_name).endswith(('.yaml', '.yml')):
+        # A model config of the user's own (as train.py --dataset_name=path.yaml took it): it names its dataset.
+        import configs
+        try:
+            named = configs.load_config(dataset_name)['dataset_name']
+        except ValueError as e:
+            raise UsageError(f"model.dataset_name: {e}")
+        if named not in (theirs, settings['dataset_name']):
+            raise UsageError(f"model.dataset_name={dataset_name} is a config of {named!r}, but the predictor was "
+                             f"distilled on {theirs!r}; give that model's config")
+        return dataset_name
     if dataset_name is not None and dataset_name not in (theirs, settings['dataset_name']):
         raise UsageError(f"the predictor was distilled on {theirs!r}, not {dataset_name!r}; drop "
                          "model.dataset_name or give a predictor of that dataset")
+    import configs
+    if not str(theirs).endswith(('.yaml', '.yml')) and theirs not in configs.known_datasets():
+        raise UsageError(f"the predictor was distilled on {theirs!r}, which is not a config in configs/; set "
+                         "model.dataset_name to the YAML config it was trained with")
     return theirs
 
 
@@ -512,6 +527,7 @@ def build(cfg, device):
     guidance_rate = m['guidance_rate'] if m['guidance_rate'] is not None else settings.get('guidance_rate')
     net = load_model(configs.load_config(dataset), m['model_path'], device, guidance_type, guidance_rate)
     predictor.check_model(net)
+    base['sigmas'] = predictor.schedule(net).detach().to(torch.float64).cpu()
     try:
         name, opts = reward_options(cfg, net)
         scorer = load_scorer(name, **opts).to(device)
@@ -534,8 +550,10 @@ def make_policy(cfg, settings, base, device):
     torch.manual_seed(mix_seed(cfg['run']['seed'], 0))
     tsd = ppo['train_scale_dir'] if ppo['train_scale_dir'] is not None else False
     tst = ppo['train_scale_time'] if ppo['train_scale_time'] is not None else False
-    return RDPOPolicy(base, ppo['dirichlet_concentration'], ppo['hidden_dim'], ppo['num_layers'], tsd, tst,
-                      ppo['scale_std']).to(device)
+    policy = RDPOPolicy(base, ppo['dirichlet_concentration'], ppo['hidden_dim'], ppo['num_layers'], tsd, tst,
+                        ppo['scale_std']).to(device)
+    policy.sigmas = base.get('sigmas')      # the predictor's grid (hand-made or learned), which the tables act on
+    return policy
 
 
 def rollout(net, policy, settings, scorer, prompts, cfg, iteration, device):
@@ -555,7 +573,7 @@ def rollout(net, policy, settings, scorer, prompts, cfg, iteration, device):
     with torch.no_grad():
         old_logp = policy.log_prob(action)
         tables = policy.action_tables(action)
-        sigmas = solvers_schedule(net, settings, latents)
+        sigmas = policy.sigmas.to(latents)
         cond = draw_conditions(net, targets, device, dtype)
         x = sample_tables(net, latents, sigmas, cond, tables, settings)
         images = net.decode(x)
@@ -572,12 +590,6 @@ def score(scorer, images, targets, noise, sigmas, cond):
     return scorer(images, targets)
 
 
-def solvers_schedule(net, settings, like):
-    import solvers
-    return solvers.get_schedule(settings['num_steps'], settings['sigma_min'], settings['sigma_max'],
-                                settings['schedule_type'], settings['schedule_rho'], net=net).to(like)
-
-
 def export_predictor(policy, predictor, base, folder, extra=None):
     """Write the policy mean as an EPD predictor folder (safetensors + JSON of every setting) that sample.py
     --predictor_path runs deterministically; returns the predictor."""
@@ -588,7 +600,8 @@ def export_predictor(policy, predictor, base, folder, extra=None):
     out = EPDPredictor(settings)
     r, w = sanitise(table['r'].cpu(), table['w'].cpu())[:2]
     logit = lambda v: torch.log(v) - torch.log1p(-v)
-    state = dict(r_params=logit(r), weight_params=torch.log(w))
+    # The predictor's other parameters (a learned grid's schedule_theta) go over as they are.
+    state = dict(predictor.state_dict(), r_params=logit(r), weight_params=torch.log(w))
     for name, key, raw in (('c', 'scale_dir', 'scale_dir_params'), ('a', 'scale_time', 'scale_time_params')):
         trained = policy.train_scale_dir if name == 'c' else policy.train_scale_time
         s = settings.get(key) or 0
@@ -636,7 +649,7 @@ def heldout_reward(net, policy, settings, scorer, prompts, cfg, device, count):
     dtype = torch.float64 if settings.get('dtype') == 'float64' else torch.float32
     latents = unit_latents(net, [mix_seed(seed, STREAM_EVAL, j) for j in ids], dtype, device)
     tables = {name: v[None].expand(count, -1, -1) for name, v in policy.mean_table().items()}
-    sigmas = solvers_schedule(net, settings, latents)
+    sigmas = policy.sigmas.to(latents)
     cond = draw_conditions(net, targets, device, dtype)
     with torch.no_grad():
         x = sample_tables(net, latents, sigmas, cond, tables, settings)

@@ -1,0 +1,95 @@
+"""EPD and AMED that learn their own time grid (train.py --learn_schedule=True)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import solvers
+import training
+from tests.conftest import run_cli
+from tests.helpers_models import small_mixture
+from torch_utils.misc import randn_per_seed, seed_generators
+from training.distill import distill_loss, subdivide, teacher_states
+from training.predictors import AMEDPredictor, EPDPredictor
+
+SMALL = '--model_path=python:tests.helpers_models:small_mixture'
+
+
+def settings(**kw):
+    s = dict(dataset_name='small', sampler_stu='epd', sampler_tea='euler', num_steps=4, M=2, num_points=2,
+             afs=True, scale_dir=0.1, scale_time=0.1, fcn=False, loss='rmse', alpha=10, schedule_type='polynomial',
+             schedule_rho=7, sigma_min=0.002, sigma_max=80.0, max_order=3, sample_shape=[3, 8, 8])
+    s.update(kw)
+    return s
+
+
+def test_a_learned_grid_starts_exactly_at_the_hand_made_one_and_samples_alike():
+    net = small_mixture()
+    plain = EPDPredictor(settings())
+    learned = EPDPredictor(settings(learn_schedule=True))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.3)
+        learned.load_state_dict(dict(plain.state_dict(), schedule_theta=learned.schedule_theta), strict=True)
+    grid = plain.schedule(net)
+    learned.start_grid(grid)
+    assert torch.allclose(learned.schedule(net), grid, rtol=1e-12, atol=0)
+    z = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(learned.sample(net, z), plain.sample(net, z), rtol=1e-9, atol=1e-9)
+    assert learned.summary()['schedule_type'] == 'learned' and plain.summary()['schedule_type'] == 'polynomial'
+
+
+@pytest.mark.parametrize('kind', ['epd', 'amed'])
+def test_the_loss_reaches_the_grid_and_the_teacher_runs_on_it(kind):
+    net = small_mixture()
+    extra = dict(feature_dim=int(torch.tensor(net.sample_shape).prod())) if kind == 'amed' else {}
+    cls = EPDPredictor if kind == 'epd' else AMEDPredictor
+    predictor = cls(settings(sampler_stu=kind, learn_schedule=True, **extra), generator=torch.Generator())
+    predictor.start_grid(solvers.get_schedule(4, 0.002, 80.0, 'polynomial', 7.0))
+    if kind == 'amed':
+        extra['feature_dim'] = net(torch.zeros(1, 3, 8, 8), torch.ones(1), return_bottleneck=True)[1][0].numel()
+        predictor = cls(settings(sampler_stu=kind, learn_schedule=True, **extra), generator=torch.Generator())
+        predictor.start_grid(solvers.get_schedule(4, 0.002, 80.0, 'polynomial', 7.0))
+    z = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss, _ = distill_loss(predictor, net, z, None, predictor.settings)
+    loss.backward()
+    g = predictor.schedule_theta.grad
+    assert g is not None and torch.isfinite(g).all() and g[1:].abs().max() > 0
+    # The teacher of a learned grid: the student's grid subdivided in log sigma, the student's points on it.
+    sigmas = predictor.schedule(net).detach()
+    fine = subdivide(sigmas, 2)
+    assert len(fine) == 3 * 3 + 1 and torch.allclose(fine[::3], sigmas, rtol=1e-12)
+    assert torch.allclose(torch.log(fine[1:3]).diff(), torch.log(fine[:2]).diff()[:1].expand(2), rtol=1e-12)
+    x = z * 80.0
+    want = solvers.SOLVERS['euler'].fn(net, x, fine, None, return_trajectory=True)[1][::3]
+    got = teacher_states(net, x, sigmas, None, 'euler', 2, None, 7.0)
+    assert torch.allclose(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_train_learns_a_grid_that_sample_py_and_export_schedule_use(tmp_path):
+    run_cli(['train.py', SMALL, '--sampler_stu=epd', '--sampler_tea=euler', '--M=2', '--num_steps=4', '--batch=8',
+             '--total_kimg=0.08', '--loss=rmse', '--lr=0.05', '--learn_schedule=True', f'--outdir={tmp_path}'])
+    folder = next(tmp_path.glob('00001-*-learned-afs'))
+    predictor = training.load_predictor(str(folder))
+    grid = predictor.schedule(None).detach()
+    start = solvers.get_schedule(4, predictor.settings['sigma_min'], predictor.settings['sigma_max'], 'polynomial', 7)
+    assert grid[0] == start[0] and grid[-1] == start[-1] and (grid.diff() < 0).all()
+    assert (grid[1:-1] - start[1:-1]).abs().max() > 1e-6           # it moved
+    proc = run_cli(['-m', 'training.export_schedule', str(folder)])
+    printed = json.loads(proc.stdout.strip())
+    assert torch.allclose(torch.tensor(printed, dtype=torch.float64), grid, rtol=1e-4)
+    # sample.py samples with the learned grid: its images are the predictor's own on the seeds' noises.
+    out = tmp_path / 'samples'
+    run_cli(['sample.py', SMALL, f'--predictor_path={folder}', '--seeds=0-1', f'--outdir={out}', '--save_npz=True',
+             '--dtype=float64'])
+    z = randn_per_seed(seed_generators([0, 1], 'cpu'), (3, 8, 8), torch.float64, 'cpu')
+    with torch.no_grad():
+        want = predictor.sample(small_mixture(), z).numpy()
+    got = np.stack([np.load(out / '000000' / f'00000{i}.npz')['x'] for i in (0, 1)])
+    assert np.abs(got - want).max() < 1e-9
+    proc = run_cli(['sample.py', SMALL, f'--predictor_path={folder}', '--schedule_type=logsnr', '--seeds=0-1',
+                    f'--outdir={tmp_path / "no"}'], check=False)
+    assert proc.returncode != 0 and 'schedule_type=learned' in proc.stderr
