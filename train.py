@@ -240,6 +240,9 @@ def main(**kwargs):
                                                                           ParameterSource.DEFAULT_MAP, None)}
     ld3_given = {k: kwargs.pop(k) for k in list(kwargs) if k in ld3.DEFAULTS}
     try:
+        if kwargs['sampler_stu'] == 'ld3' and kwargs['learn_schedule'] is not None:
+            raise UsageError("--learn_schedule is for EPD and AMED; LD3 (--sampler_stu=ld3) learns nothing but its "
+                             "grid: drop it")
         if kwargs['sampler_stu'] == 'ld3' or kwargs['resume'] is not None and ld3_run(kwargs):
             ld3.run_cli(kwargs, ld3_given)
             dist.shutdown()

@@ -12,6 +12,7 @@ Writes the page and docs/figures/robust_epd.png; trained predictors are kept in 
 """
 import json
 import os
+import shlex
 import sys
 
 import click
@@ -24,15 +25,17 @@ from bench_learned import (ROOT, bootstrap_ratio, classical_errors, held_out, tr
 import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
-MIXTURE = dict(num_components=5, rank=6, seed=31337)
-VARIANTS = {'defaults': [], 'defaults + learned grid': ['--learn_schedule=True']}
+MIXTURES = {'unseen': dict(num_components=5, rank=6, seed=31337),
+            # gmm_image's own mixture without its config's training settings: where defaults may be chosen
+            'gmm_image': dict()}
+VARIANTS = {'defaults': '', 'defaults + learned grid': '--learn_schedule=True'}
 
 
-def write_config(folder):
+def write_config(folder, mixture):
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'unseen_mixture.yaml')
-    cfg = dict(dataset_name='unseen_mixture', model=dict(family='analytic', model_path='gmm_image',
-                                                         sigma_min=0.002, sigma_max=80.0, **MIXTURE),
+    path = os.path.join(folder, f'{mixture}_mixture.yaml')
+    cfg = dict(dataset_name=f'{mixture}_mixture', model=dict(family='analytic', model_path='gmm_image',
+                                                             sigma_min=0.002, sigma_max=80.0, **MIXTURES[mixture]),
                sample=dict(dtype='float64'))
     with open(path, 'w') as f:
         yaml.safe_dump(cfg, f)
@@ -47,19 +50,27 @@ def predictor_in(folder):
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--seeds', metavar='LIST', default='0,1,2,3', help='Training seeds')
+@click.option('--mixture', metavar='NAME', type=click.Choice(list(MIXTURES)), default='unseen',
+              help='The model (unseen: never tuned on)')
+@click.option('--variant', 'variants', metavar='NAME=ARGS', multiple=True,
+              help='Training settings to compare instead of the two defaults (extra train.py options)')
 @click.option('--num_eval', metavar='INT', type=int, default=1024, help='Held-out samples')
 @click.option('--exps', metavar='DIR', default=os.path.join(ROOT, 'exps', 'robust_epd'), help='Where predictors go')
 @click.option('--jobs', metavar='INT', type=int, default=2, help='Trainings run at a time (one thread each if > 1)')
 @click.option('--out', metavar='PATH', default=os.path.join(ROOT, 'docs', 'robust_epd.md'), help='Markdown output')
-def main(seeds, num_eval, exps, jobs, out):
+def main(seeds, mixture, variants, num_eval, exps, jobs, out):
     seeds = [int(v) for v in seeds.split(',')]
-    config = write_config(exps)
+    if any('=' not in v for v in variants):
+        raise click.BadParameter('each --variant is NAME=ARGS, e.g. "lr05=--lr=0.05"', param_hint='--variant')
+    variants = dict(v.split('=', 1) for v in variants) if variants else VARIANTS
+    exps = os.path.join(exps, mixture)
+    config = write_config(exps, mixture)
     folder = lambda variant, seed: os.path.join(exps, f"{variant.replace(' + ', '-').replace(' ', '-')}-seed{seed}")
 
     def command(variant, seed, _kimg, _exps):
         return [sys.executable, os.path.join(ROOT, 'train.py'), f'--dataset_name={config}', f'--seed={seed}',
-                f'--outdir={folder(variant, seed)}', '--device=cpu', *VARIANTS[variant]]
-    todo = [(v, s) for v in VARIANTS for s in seeds if predictor_in(folder(v, s)) is None]
+                f'--outdir={folder(variant, seed)}', '--device=cpu', *shlex.split(variants[variant])]
+    todo = [(v, s) for v in variants for s in seeds if predictor_in(folder(v, s)) is None]
     seconds = train_all(todo, None, exps, jobs, command=command)
     times_path = os.path.join(exps, 'training_seconds.json')
     kept = json.load(open(times_path)) if os.path.isfile(times_path) else {}
@@ -67,12 +78,12 @@ def main(seeds, num_eval, exps, jobs, out):
     with open(times_path, 'w') as f:
         json.dump(kept, f)
 
-    net = image_mixture(**MIXTURE)
+    net = image_mixture(**MIXTURES[mixture])
     z, per_sample = held_out(net, num_eval)
     classical = classical_errors(net, z, 5, per_sample)
     best = min(classical, key=lambda k: classical[k].mean().item())
     rows, grids = [], {}
-    for variant in VARIANTS:
+    for variant in variants:
         for seed in seeds:
             path = predictor_in(folder(variant, seed))
             predictor = training.load_predictor(path)
@@ -85,16 +96,19 @@ def main(seeds, num_eval, exps, jobs, out):
                              sec=kept.get(f'{variant}|{seed}'), grid=grid.tolist()))
     write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures',
                                                                           'robust_epd.png'))
-    lines = ['# EPD with the built-in defaults on an untuned mixture (NFE 5)', '',
-             f'`python bench/bench_robust_epd.py --seeds={",".join(map(str, seeds))} --jobs={jobs}` (regenerates this '
-             'page and `figures/robust_epd.png`). The model: `image_mixture(' +
-             ', '.join(f'{k}={v}' for k, v in MIXTURE.items()) + ')`, a 3x32x32 analytic mixture that no config or',
-             'test was tuned on, given to train.py as a dataset config without a `train:` section: every training',
-             'setting is train.py\'s built-in default (4 time points with AFS = NFE 5, teacher dpm M = 3, polynomial',
-             'rho 7, scales 0.05, lr 0.01, 10 kimg of batch 64). "learned grid" adds `--learn_schedule=True`: the time',
-             'points train jointly with the tables (LD3\'s softmax-cumsum parametrisation in log sigma, ends pinned),',
-             'starting from the same polynomial grid; the teacher then runs on the current student grid subdivided',
-             'geometrically.', '',
+    about = {'unseen': 'a 3x32x32 analytic mixture that no config or test was tuned on',
+             'gmm_image': "gmm_image's own mixture (its config's training settings left out)"}[mixture]
+    command = ' '.join(['python bench/bench_robust_epd.py', f'--mixture={mixture}', f'--seeds={",".join(map(str, seeds))}',
+                        f'--jobs={jobs}'] + [shlex.quote(f'--variant={k}={v}') for k, v in variants.items()
+                                             if variants is not VARIANTS])
+    lines = [f'# EPD with the built-in defaults on the {mixture} mixture (NFE 5)', '',
+             f'`{command}` (regenerates this page and `figures/robust_epd.png`). The model: `image_mixture(' +
+             ', '.join(f'{k}={v}' for k, v in MIXTURES[mixture].items()) + f')`, {about},',
+             'given to train.py as a dataset config without a `train:` section: every training setting not listed is',
+             'train.py\'s built-in default (`python train.py --help`; 4 time points with AFS = NFE 5, teacher dpm',
+             'M = 3). "learned grid" (`--learn_schedule=True`): the time points train jointly with the tables (LD3\'s',
+             'softmax-cumsum parametrisation in log sigma, ends pinned), starting from the hand-made grid; the teacher',
+             'then runs on the current student grid subdivided geometrically.', '',
              f'RMSE per pixel to the exact ODE solution on {num_eval} held-out noises. Best classical solver at NFE 5 '
              f'(of every solver x schedule): {best}, mean {classical[best].mean().item():.4f}. Target of the learned '
              'grid: at most 0.5x that.', '',
@@ -102,11 +116,11 @@ def main(seeds, num_eval, exps, jobs, out):
              '|---|---|---|---|---|---|---|']
     for r in rows:
         sec = f"{r['sec']:.0f}" if r['sec'] is not None else ''
-        grid = ', '.join(f'{v:.4g}' for v in r['grid']) if r['variant'] != 'defaults' else ''
+        grid = ', '.join(f'{v:.4g}' for v in r['grid'])
         lines.append(f"| {r['variant']} | {r['seed']} | {r['mean']:.4f} | {r['median']:.4f} | "
                      f"{r['ratio']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] | {sec} | {grid} |")
     lines += ['']
-    for variant in VARIANTS:
+    for variant in variants:
         ratios = [r['ratio'] for r in rows if r['variant'] == variant]
         lines.append(f"- {variant}: ratio to the best classical over {len(ratios)} seeds: median "
                      f"{sorted(ratios)[len(ratios) // 2]:.2f}, range {min(ratios):.2f} to {max(ratios):.2f}.")

@@ -185,6 +185,7 @@ def test_train_then_sample_and_export(tmp_path):
     (['--solver=unipc', '--loss_type=LPIPS'], 'needs the LPIPS network'),
     ([], 'needs --solver'),
     (['--solver=unipc', '--win_rate=0.9'], 'must be in [0, 0.5]'),
+    (['--solver=unipc', '--learn_schedule=True'], '--learn_schedule is for EPD and AMED'),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, extra, message):
     proc = run_cli(TRAIN + extra + [f'--outdir={tmp_path}', f'--data_dir={tmp_path}/d'], check=False)
