@@ -93,3 +93,15 @@ def test_train_learns_a_grid_that_sample_py_and_export_schedule_use(tmp_path):
     proc = run_cli(['sample.py', SMALL, f'--predictor_path={folder}', '--schedule_type=logsnr', '--seeds=0-1',
                     f'--outdir={tmp_path / "no"}'], check=False)
     assert proc.returncode != 0 and 'schedule_type=learned' in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_learned_grid_on_two_workers_equals_one(tmp_path):
+    args = ['train.py', SMALL, '--sampler_stu=epd', '--sampler_tea=euler', '--M=1', '--num_steps=3', '--batch=4',
+            '--total_kimg=0.016', '--loss=rmse', '--lr=0.05', '--learn_schedule=True', '--dtype=float64']
+    run_cli(args + [f'--outdir={tmp_path / "one"}'])
+    run_cli(args + [f'--outdir={tmp_path / "two"}'], nproc=2)
+    a, b = (training.load_predictor(str(next((tmp_path / d).glob('00001-*')))) for d in ('one', 'two'))
+    assert (a.schedule_theta - a.schedule_theta.new_ones(3)).abs().max() > 1e-6
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), (name, (p - q).abs().max().item())

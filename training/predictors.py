@@ -43,8 +43,10 @@ class LearnedPredictor(torch.nn.Module):
         """The time grid; a learned one keeps its gradient (train.py trains it; sampling runs under no_grad)."""
         s = self.settings
         if s.get('learn_schedule'):
-            return ld3_grid(self.schedule_theta, torch.zeros_like(self.schedule_theta), s['sigma_min'],
-                            s['sigma_max'], 0.0)[0]
+            # theta[0] cancels out of the grid; detached, its gradient is exactly 0 rather than rounding noise that
+            # Adam would scale up to steps (harmless to the grid, but it would make 2 workers differ from 1).
+            theta = torch.cat([self.schedule_theta[:1].detach(), self.schedule_theta[1:]])
+            return ld3_grid(theta, torch.zeros_like(theta), s['sigma_min'], s['sigma_max'], 0.0)[0]
         if s.get('t_steps'):   # an explicit grid (a converted reference predictor keeps the grid it was trained on)
             return torch.tensor(s['t_steps'], dtype=torch.float64)
         return solvers.get_schedule(s['num_steps'], s['sigma_min'], s['sigma_max'], s['schedule_type'],
