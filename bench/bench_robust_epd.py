@@ -82,7 +82,7 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
     z, per_sample = held_out(net, num_eval)
     classical = classical_errors(net, z, 5, per_sample)
     best = min(classical, key=lambda k: classical[k].mean().item())
-    rows, grids = [], {}
+    rows = []
     for variant in variants:
         for seed in seeds:
             path = predictor_in(folder(variant, seed))
@@ -134,7 +134,7 @@ def write_figure(rows, best_mean, best, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from torch_utils.image_io import atomic_write
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     variants = list(dict.fromkeys(r['variant'] for r in rows))
     for i, variant in enumerate(variants):
         sub = [r for r in rows if r['variant'] == variant]
@@ -143,10 +143,10 @@ def write_figure(rows, best_mean, best, path):
                                                           [r['hi'] - r['ratio'] for r in sub]], fmt='o', capsize=3)
     ax.axhline(1.0, color='k', lw=1, label=f'best classical ({best}, {best_mean:.3f})')
     ax.axhline(0.5, color='k', lw=1, ls='--', label='target 0.5x')
-    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xticks(range(len(variants)), [v.replace(' + ', '\n+ ') for v in variants], fontsize=8)
     ax.set_yscale('log')
     ax.set_ylabel('mean RMSE / best classical')
-    ax.set_title('EPD, NFE 5, built-in defaults, one dot per seed')
+    ax.set_title('EPD at NFE 5, one dot per training seed (95% bootstrap intervals)')
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -464,16 +464,24 @@ TINY_CLIP = {'embed_dim': 16,
              'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 32, 'heads': 2, 'layers': 1}}
 
 
-def test_clip_score_matches_direct_computation(tmp_path):
+def tiny_open_clip(folder, name, seed, weights_name):
+    """A random-weight open_clip model of TINY_CLIP registered as `name` (its JSON config written to folder) and
+    its state dict saved as safetensors: (config path, model, weights path)."""
     import open_clip
     import safetensors.torch
-    config = tmp_path / 'tiny-clip-test.json'
+    config = folder / f'{name}.json'
     config.write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model('tiny-clip-test')
-    weights = tmp_path / 'tiny.safetensors'
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    weights = folder / weights_name
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return config, model, weights
+
+
+def test_clip_score_matches_direct_computation(tmp_path):
+    import open_clip
+    config, model, weights = tiny_open_clip(tmp_path, 'tiny-clip-test', 0, 'tiny.safetensors')
     folder = make_images(tmp_path / 'img', 5, (32, 32))
     prompts = ['a red cube', 'a photo of a cat', 'two dogs']
     (tmp_path / 'prompts.txt').write_text('\n'.join(prompts) + '\n')
@@ -501,15 +509,9 @@ def test_score_equals_the_reward_models_own_forward(tmp_path):
     """fid.py score: an HPS-shaped open_clip file (cosine of open_clip's own features of the PNGs) and the analytic
     model's exact class posterior (of the images read back), with the file/option errors as one line."""
     import open_clip
-    import safetensors.torch
     from models.analytic import digit_mixture
-    config = tmp_path / 'tiny-hps-score.json'
-    config.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(1)
-    model = open_clip.create_model('tiny-hps-score').eval()
-    weights = tmp_path / 'hps.safetensors'
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    config, model, weights = tiny_open_clip(tmp_path, 'tiny-hps-score', 1, 'hps.safetensors')
+    model.eval()
     folder = make_images(tmp_path / 'img', 5, (32, 32), seed=2)
     prompts = ['a red cube', 'a photo of a cat', 'two dogs']
     (tmp_path / 'prompts.txt').write_text('\n'.join(prompts) + '\n')

@@ -9,19 +9,15 @@ import solvers
 import training
 from tests.conftest import run_cli
 from tests.helpers_models import small_mixture
+from tests.test_train import SMALL, epd_settings
 from torch_utils.misc import randn_per_seed, seed_generators
 from training.distill import distill_loss, subdivide, teacher_states
 from training.predictors import AMEDPredictor, EPDPredictor
 
-SMALL = '--model_path=python:tests.helpers_models:small_mixture'
-
 
 def settings(**kw):
-    s = dict(dataset_name='small', sampler_stu='epd', sampler_tea='euler', num_steps=4, M=2, num_points=2,
-             afs=True, scale_dir=0.1, scale_time=0.1, fcn=False, loss='rmse', alpha=10, schedule_type='polynomial',
-             schedule_rho=7, sigma_min=0.002, sigma_max=80.0, max_order=3, sample_shape=[3, 8, 8])
-    s.update(kw)
-    return s
+    return epd_settings(**dict(dict(dataset_name='small', M=2, num_points=2, afs=True, scale_dir=0.1, scale_time=0.1,
+                                    loss='rmse', sample_shape=[3, 8, 8]), **kw))
 
 
 def test_a_learned_grid_starts_exactly_at_the_hand_made_one_and_samples_alike():

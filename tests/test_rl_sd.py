@@ -6,32 +6,23 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import training
 from tests.conftest import run_cli
 from tests.test_e2e_models import build
-from tests.test_fid import TINY_CLIP
+from tests.test_fid import tiny_open_clip
 
 
 @pytest.mark.slow
 def test_rl_on_tiny_sd_with_prompts_and_an_hps_file(tmp_path):
-    import open_clip
-    import safetensors.torch
     config = build('sd', tmp_path)
     (tmp_path / 'prompts.csv').write_text('caption\na red square\na blue circle\na green line\na dog\n')
     run_cli(['train.py', f'--dataset_name={config}', '--sampler_stu=epd', '--sampler_tea=euler', '--num_steps=3',
              '--M=1', '--batch=2', '--total_kimg=0.004', '--loss=l2', f'--prompt_file={tmp_path / "prompts.csv"}',
              f'--outdir={tmp_path / "distil"}'])
     distilled = next((tmp_path / 'distil').glob('0000*-*'))
-    arch = tmp_path / 'tiny-hps-rl.json'
-    arch.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(arch))
-    torch.manual_seed(3)
-    hps = open_clip.create_model('tiny-hps-rl')
-    weights = tmp_path / 'hps.safetensors'
-    safetensors.torch.save_file({k: v.contiguous() for k, v in hps.state_dict().items()}, str(weights))
+    arch, _, weights = tiny_open_clip(tmp_path, 'tiny-hps-rl', 3, 'hps.safetensors')
 
     args = ['-m', 'training.rl', '--device=cpu', '--max-steps', '2',
             '--override', f'data.predictor_snapshot={distilled}', '--override', f'data.prompt_csv={tmp_path}/prompts.csv',

@@ -29,7 +29,6 @@ after every round; --resume continues from the last one and reaches the same res
 """
 import hashlib
 import json
-import math
 import os
 import time
 

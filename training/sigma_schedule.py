@@ -17,7 +17,6 @@ Clean samples: the analytic models' exact data samples (fresh ones every iterati
 samples of a teacher ODE solve (UniPC, teacher_steps, polynomial rho 7) made once per run.
 """
 import json
-import math
 import os
 import time
 
