@@ -482,10 +482,10 @@ def reward_options(cfg, net):
 def model_config_name(dataset_name, settings):
     """The model config (configs/<name>.yaml) of an RL run: the predictor's own (its `config`, as sample.py reads
     it, else its dataset_name); model.dataset_name, when given, must name that one."""
+    import configs
     theirs = settings.get('config') or settings['dataset_name']
     if dataset_name is not None and str(dataset_name).endswith(('.yaml', '.yml')):
         # A model config of the user's own (as train.py --dataset_name=path.yaml took it): it names its dataset.
-        import configs
         try:
             named = configs.load_config(dataset_name)['dataset_name']
         except ValueError as e:
@@ -497,7 +497,6 @@ def model_config_name(dataset_name, settings):
     if dataset_name is not None and dataset_name not in (theirs, settings['dataset_name']):
         raise UsageError(f"the predictor was distilled on {theirs!r}, not {dataset_name!r}; drop "
                          "model.dataset_name or give a predictor of that dataset")
-    import configs
     if not str(theirs).endswith(('.yaml', '.yml')) and theirs not in configs.known_datasets():
         raise UsageError(f"the predictor was distilled on {theirs!r}, which is not a config in configs/; set "
                          "model.dataset_name to the YAML config it was trained with")
