@@ -5,7 +5,6 @@ This is the ground truth for tests, benchmarks and the exact teacher of distilla
 """
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 
 
 @torch.no_grad()
@@ -25,6 +24,7 @@ def solve_exact(net, x, sigma_from, sigma_to, cond=None, at_sigmas=None, rtol=1e
     if t_eval is not None:
         # solve_ivp requires t_eval inside the span; clip the end points' rounding.
         t_eval = np.clip(t_eval, min(t_span), max(t_span))
+    from scipy.integrate import solve_ivp   # here: scipy.integrate takes ~1 s to import, and most CLI runs never call it
     result = solve_ivp(rhs, t_span, x.detach().to(torch.float64).reshape(-1).cpu().numpy(), method='DOP853',
                        rtol=rtol, atol=atol, t_eval=t_eval)
     if not result.success:
