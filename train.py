@@ -38,7 +38,7 @@ STATS_FILE = 'stats.jsonl'
 TRAIN_DEFAULTS = dict(sampler_stu='epd', sampler_tea='dpm', num_steps=4, M=3, num_points=2, afs=True, scale_dir=0.05,
                       scale_time=0.05, fcn=False, loss=None, alpha=10.0, schedule_type='polynomial',
                       schedule_rho=7.0, predict_x0=True, lower_order_final=True, prompt_path=None, batch=64,
-                      total_kimg=10.0, lr=0.01, coslr=False, dtype='float32', learn_schedule=False)
+                      total_kimg=10.0, lr=0.01, coslr=False, dtype='float32', learn_schedule=False, lr_grid=None)
 
 
 class UsageError(Exception):
@@ -122,7 +122,7 @@ def recorded_values(options):
                                 'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max',
                                 'max_order', 'predict_x0', 'lower_order_final', 'guidance_type', 'guidance_rate',
                                 'dtype', 'learn_schedule') if k in s}
-    values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'coslr', 'seed', 'model_path', 'prompt_path',
+    values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'lr_grid', 'coslr', 'seed', 'model_path', 'prompt_path',
                                            'classifier_path', 'resolution') if k in options})
     values['dataset_name'] = options.get('dataset_config', s['dataset_name'])
     if s['predictor'] == 'epd':
@@ -223,6 +223,7 @@ class Logger:
 @click.option('--batch-gpu', 'batch_gpu', metavar='INT', type=click.IntRange(min=1), default=None, help='Per-worker cap (gradient accumulation)')
 @click.option('--total_kimg', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None, help='Training length in thousands of samples [default: 10]')
 @click.option('--lr', metavar='FLOAT', type=float, default=None, help='Adam learning rate [default: 0.01]')
+@click.option('--lr_grid', metavar='FLOAT', type=click.FloatRange(min=0), default=None, help='Adam rate of the learned grid (--learn_schedule) [default: --lr]')
 @click.option('--coslr', metavar='BOOL', type=bool, default=None, help='Cosine learning-rate schedule [default: False]')
 @click.option('--seed', metavar='INT', type=int, default=0, help='Random seed')
 @click.option('--snap', metavar='INT', type=click.IntRange(min=1), default=10, help='Save the training state every N iterations')
@@ -269,7 +270,7 @@ def ld3_run(kwargs):
 def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M, num_points, afs, scale_dir,
         scale_time, fcn, loss, alpha, inception_path, schedule_type, schedule_rho, learn_schedule, sigma_min, sigma_max, max_order,
         predict_x0, lower_order_final, guidance_type, guidance_rate, prompt_path, batch, batch_gpu, total_kimg, lr,
-        coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None, resolution=None):
+        lr_grid, coslr, seed, snap, outdir, desc, resume, dtype, device, dry_run, classifier_path=None, resolution=None):
     dist.init()
     device = torch.device(device) if device else dist.get_device()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -284,6 +285,9 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     predict_x0, lower_order_final, prompt_path, batch, total_kimg, lr, coslr, dtype, learn_schedule = (opts[k] for k in (
         'predict_x0', 'lower_order_final', 'prompt_path', 'batch', 'total_kimg', 'lr', 'coslr', 'dtype',
         'learn_schedule'))
+    lr_grid = opts['lr_grid']
+    if lr_grid is not None and not learn_schedule:
+        raise UsageError(f'--lr_grid={lr_grid} is the rate of a learned grid: add --learn_schedule=True, or drop it')
     if batch % world:
         raise UsageError(f"--batch={batch} must be divisible by the number of workers ({world})")
     check_solver_options(opts, sigma_min, sigma_max, max_order)          # before the model is built
@@ -332,7 +336,7 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     nfe = 2 * (num_steps - 1) - int(afs)
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-learned' if learn_schedule else '') + ('-afs' if afs else '') + (f'-{desc}' if desc else '')
-    options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, coslr=coslr,
+    options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, lr_grid=lr_grid, coslr=coslr,
                    seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path, resolution=resolution,
                    prompt_path=prompt_path,
                    dataset_config=dataset_name, plugin=plugin)
@@ -373,9 +377,14 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     if learn_schedule:        # the learned grid starts at the chosen hand-made one
         predictor.start_grid(solvers.get_schedule(num_steps, settings['sigma_min'], settings['sigma_max'],
                                                   schedule_type, schedule_rho, net=net).to(device))
-    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
+    if lr_grid is None:
+        optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
+    else:                     # the grid in its own group; with --coslr both rates decay to the smaller one / 100
+        tables = [q for n, q in predictor.named_parameters() if n != 'schedule_theta']
+        optimizer = torch.optim.Adam([dict(params=tables), dict(params=[predictor.schedule_theta], lr=lr_grid)], lr=lr)
     total_iters = max(1, math.ceil(total_kimg * 1000 / batch))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iters, eta_min=lr * 0.01) \
+    floor = min(lr, lr if lr_grid is None else lr_grid) * 0.01
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_iters, eta_min=floor) \
         if coslr else None
     start_iter = 0
     state_path, stats_path = os.path.join(run_dir, STATE_FILE), os.path.join(run_dir, STATS_FILE)

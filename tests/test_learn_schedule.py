@@ -101,3 +101,22 @@ def test_a_learned_grid_on_two_workers_equals_one(tmp_path):
     assert (a.schedule_theta - a.schedule_theta.new_ones(3)).abs().max() > 1e-6
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), (name, (p - q).abs().max().item())
+
+
+@pytest.mark.slow
+def test_lr_grid_is_the_rate_of_the_grid_alone(tmp_path):
+    args = ['train.py', SMALL, '--sampler_stu=epd', '--sampler_tea=euler', '--M=1', '--num_steps=3', '--batch=4',
+            '--total_kimg=0.016', '--loss=rmse', '--lr=0.05', '--coslr=True', '--learn_schedule=True',
+            '--dtype=float64', '--lr_grid=0', f'--outdir={tmp_path}']
+    run_cli(args)
+    folder = next(tmp_path.glob('00001-*'))
+    predictor = training.load_predictor(str(folder))
+    s = predictor.settings
+    start = solvers.get_schedule(3, s['sigma_min'], s['sigma_max'], s['schedule_type'], s['schedule_rho'])
+    assert torch.allclose(predictor.schedule(None).detach(), start, rtol=1e-12, atol=0)   # rate 0: the grid stays
+    fresh = EPDPredictor(predictor.settings, generator=torch.Generator().manual_seed(0))
+    assert (predictor.r_params - fresh.r_params).abs().max() > 1e-6                         # the tables moved
+    assert json.loads((folder / 'training_options.json').read_text())['lr_grid'] == 0
+    proc = run_cli(args[:-4] + ['--lr_grid=0.01', f'--outdir={tmp_path / "no"}'], check=False)
+    assert proc.returncode != 0 and '--learn_schedule=True' in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / 'no').exists() or not any((tmp_path / 'no').iterdir())
