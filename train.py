@@ -122,8 +122,8 @@ def recorded_values(options):
                                 'fcn', 'loss', 'alpha', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max',
                                 'max_order', 'predict_x0', 'lower_order_final', 'guidance_type', 'guidance_rate',
                                 'dtype', 'learn_schedule') if k in s}
-    values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'lr_grid', 'coslr', 'seed', 'model_path', 'prompt_path',
-                                           'classifier_path', 'resolution') if k in options})
+    values.update({k: options[k] for k in ('batch', 'total_kimg', 'lr', 'lr_grid', 'coslr', 'seed', 'model_path',
+                                           'prompt_path', 'classifier_path', 'resolution') if k in options})
     values['dataset_name'] = options.get('dataset_config', s['dataset_name'])
     if s['predictor'] == 'epd':
         values['num_points'] = s['num_points']
@@ -336,8 +336,8 @@ def run(dataset_name, model_path, sampler_stu, plugin, sampler_tea, num_steps, M
     nfe = 2 * (num_steps - 1) - int(afs)
     name = f"{cfg['dataset_name']}-{num_steps}-{nfe}-{sampler_stu}-{sampler_tea}-{M}-{schedule_type}" + \
         ('-learned' if learn_schedule else '') + ('-afs' if afs else '') + (f'-{desc}' if desc else '')
-    options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, lr_grid=lr_grid, coslr=coslr,
-                   seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path, resolution=resolution,
+    options = dict(settings=settings, batch=batch, batch_gpu=batch_gpu, total_kimg=total_kimg, lr=lr, lr_grid=lr_grid,
+                   coslr=coslr, seed=seed, world_size=world, model_path=model_path, classifier_path=classifier_path, resolution=resolution,
                    prompt_path=prompt_path,
                    dataset_config=dataset_name, plugin=plugin)
     if dry_run:
