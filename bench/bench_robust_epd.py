@@ -22,10 +22,13 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_learned import (ROOT, bootstrap_ratio, classical_errors, held_out, train_all,  # noqa: E402
                            write_report)
+import train          # noqa: E402
 import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
 MIXTURES = {'unseen': dict(num_components=5, rank=6, seed=31337),
+            # a second one, first trained on after train.py's learned-grid defaults were fixed
+            'unseen_b': dict(num_components=7, rank=10, seed=4711),
             # gmm_image's own mixture without its config's training settings: where defaults may be chosen
             'gmm_image': dict()}
 VARIANTS = {'defaults': '', 'defaults + learned grid': '--learn_schedule=True'}
@@ -94,21 +97,26 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
             rows.append(dict(variant=variant, seed=seed, mean=err.mean().item(), median=err.median().item(),
                              ratio=err.mean().item() / classical[best].mean().item(), lo=lo, hi=hi,
                              sec=kept.get(f'{variant}|{seed}'), grid=grid.tolist()))
-    write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures',
-                                                                          'robust_epd.png'))
+    figure = os.path.splitext(os.path.basename(out))[0] + '.png'
+    write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures', figure))
     about = {'unseen': 'a 3x32x32 analytic mixture that no config or test was tuned on',
+             'unseen_b': 'a second 3x32x32 analytic mixture that no config or test was tuned on, first trained on '
+                         "after train.py's learned-grid defaults were fixed",
              'gmm_image': "gmm_image's own mixture (its config's training settings left out)"}[mixture]
     command = ' '.join(['python bench/bench_robust_epd.py', f'--mixture={mixture}', f'--seeds={",".join(map(str, seeds))}',
-                        f'--jobs={jobs}'] + [shlex.quote(f'--variant={k}={v}') for k, v in variants.items()
+                        f'--jobs={jobs}'] + ([f'--num_eval={num_eval}'] if num_eval != 1024 else []) +
+                       ([f'--out={os.path.relpath(out, ROOT)}'] if figure != 'robust_epd.png' else []) + [shlex.quote(f'--variant={k}={v}') for k, v in variants.items()
                                              if variants is not VARIANTS])
     lines = [f'# EPD with the built-in defaults on the {mixture} mixture (NFE 5)', '',
-             f'`{command}` (regenerates this page and `figures/robust_epd.png`). The model: `image_mixture(' +
+             f'`{command}` (regenerates this page and `figures/{figure}`). The model: `image_mixture(' +
              ', '.join(f'{k}={v}' for k, v in MIXTURES[mixture].items()) + f')`, {about},',
              'given to train.py as a dataset config without a `train:` section: every training setting not listed is',
              'train.py\'s built-in default (`python train.py --help`; 4 time points with AFS = NFE 5, teacher dpm',
              'M = 3). "learned grid" (`--learn_schedule=True`): the time points train jointly with the tables (LD3\'s',
              'softmax-cumsum parametrisation in log sigma, ends pinned), starting from the hand-made grid; the teacher',
-             'then runs on the current student grid subdivided geometrically.', '',
+             'then runs on the current student grid subdivided geometrically. With it, the defaults of',
+             ', '.join(f'`--{k}`' for k in train.LEARNED_GRID_DEFAULTS) + ' are train.py\'s learned-grid ones (' +
+             ', '.join(f'{k} {v}' for k, v in train.LEARNED_GRID_DEFAULTS.items()) + ').', '',
              f'RMSE per pixel to the exact ODE solution on {num_eval} held-out noises. Best classical solver at NFE 5 '
              f'(of every solver x schedule): {best}, mean {classical[best].mean().item():.4f}. Target of the learned '
              'grid: at most 0.5x that.', '',
@@ -124,7 +132,7 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
         ratios = [r['ratio'] for r in rows if r['variant'] == variant]
         lines.append(f"- {variant}: ratio to the best classical over {len(ratios)} seeds: median "
                      f"{sorted(ratios)[len(ratios) // 2]:.2f}, range {min(ratios):.2f} to {max(ratios):.2f}.")
-    lines += ['', '![EPD per seed against the best classical solver](figures/robust_epd.png)', '']
+    lines += ['', f'![EPD per seed against the best classical solver](figures/{figure})', '']
     write_report(out, lines)
     print('\n'.join(lines))
 
