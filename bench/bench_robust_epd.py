@@ -27,8 +27,6 @@ import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
 MIXTURES = {'unseen': dict(num_components=5, rank=6, seed=31337),
-            # a second one, first trained on after train.py's learned-grid defaults were fixed
-            'unseen_b': dict(num_components=7, rank=10, seed=4711),
             # gmm_image's own mixture without its config's training settings: where defaults may be chosen
             'gmm_image': dict()}
 VARIANTS = {'defaults': '', 'defaults + learned grid': '--learn_schedule=True'}
@@ -100,8 +98,6 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
     figure = os.path.splitext(os.path.basename(out))[0] + '.png'
     write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures', figure))
     about = {'unseen': 'a 3x32x32 analytic mixture that no config or test was tuned on',
-             'unseen_b': 'a second 3x32x32 analytic mixture that no config or test was tuned on, first trained on '
-                         "after train.py's learned-grid defaults were fixed",
              'gmm_image': "gmm_image's own mixture (its config's training settings left out)"}[mixture]
     command = ' '.join(['python bench/bench_robust_epd.py', f'--mixture={mixture}', f'--seeds={",".join(map(str, seeds))}',
                         f'--jobs={jobs}'] + ([f'--num_eval={num_eval}'] if num_eval != 1024 else []) +

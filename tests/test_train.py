@@ -229,14 +229,14 @@ def test_a_learned_grid_has_its_own_defaults_under_the_config_and_the_command_li
     assert resolve_options(bare, {}) == dict(TRAIN_DEFAULTS)
     learned = resolve_options(bare, dict(learn_schedule=True))
     assert learned == dict(TRAIN_DEFAULTS, **LEARNED_GRID_DEFAULTS, learn_schedule=True)
-    assert learned['total_kimg'] > TRAIN_DEFAULTS['total_kimg'] and learned['lr_grid'] < learned['lr']
+    assert learned['total_kimg'] > TRAIN_DEFAULTS['total_kimg'] and learned['lr'] > TRAIN_DEFAULTS['lr']
     amed = dict(learn_schedule=True, sampler_stu='amed')                  # chosen for EPD's tables only
     assert resolve_options(bare, amed) == dict(TRAIN_DEFAULTS, **amed)
     # The config's train section (learn_schedule there too) and the command line still win.
     cfg = dict(bare, train=dict(learn_schedule=True, lr=0.3, epd=dict(scale_dir=0.2)))
     opts = resolve_options(cfg, dict(batch=8))
     assert (opts['lr'], opts['scale_dir'], opts['batch']) == (0.3, 0.2, 8)
-    assert (opts['total_kimg'], opts['lr_grid']) == (LEARNED_GRID_DEFAULTS['total_kimg'], LEARNED_GRID_DEFAULTS['lr_grid'])
+    assert (opts['total_kimg'], opts['coslr']) == (LEARNED_GRID_DEFAULTS['total_kimg'], LEARNED_GRID_DEFAULTS['coslr'])
     assert resolve_options(cfg, dict(learn_schedule=False)) == dict(TRAIN_DEFAULTS, lr=0.3, scale_dir=0.2)
     # A run recorded before these defaults (lr_grid null: the tables' rate) resumes at the rate it had.
     from train import recorded_values
