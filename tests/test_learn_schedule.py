@@ -11,7 +11,8 @@ from tests.conftest import run_cli
 from tests.helpers_models import small_mixture
 from tests.test_train import SMALL, epd_settings
 from torch_utils.misc import randn_per_seed, seed_generators
-from training.distill import distill_loss, subdivide, teacher_states
+from solvers.exact import solve_exact
+from training.distill import distill_loss, teacher_grid, teacher_states
 from training.predictors import AMEDPredictor, EPDPredictor
 
 
@@ -53,15 +54,41 @@ def test_the_loss_reaches_the_grid_and_the_teacher_runs_on_it(kind):
     loss.backward()
     g = predictor.schedule_theta.grad
     assert g is not None and torch.isfinite(g).all() and g[1:].abs().max() > 0
-    # The teacher of a learned grid: the student's grid subdivided in log sigma, the student's points on it.
+    # The teacher of a learned grid: its own hand-made fine grid with the student's points merged in.
     sigmas = predictor.schedule(net).detach()
-    fine = subdivide(sigmas, 2)
-    assert len(fine) == 3 * 3 + 1 and torch.allclose(fine[::3], sigmas, rtol=1e-12)
-    assert torch.allclose(torch.log(fine[1:3]).diff(), torch.log(fine[:2]).diff()[:1].expand(2), rtol=1e-12)
+    fine = solvers.get_schedule(3 * 3 + 1, 0.002, 80.0, 'polynomial', 7.0)
+    grid, at = teacher_grid(sigmas, fine)
+    assert torch.equal(grid[at], sigmas) and (grid.diff() < 0).all()
     x = z * 80.0
-    want = solvers.SOLVERS['euler'].fn(net, x, fine, None, return_trajectory=True)[1][::3]
-    got = teacher_states(net, x, sigmas, None, 'euler', 2, None, 7.0)
+    want = solvers.SOLVERS['euler'].fn(net, x, grid, None, return_trajectory=True)[1][at]
+    got = teacher_states(net, x, sigmas, None, 'euler', 2, 'polynomial', 7.0)
     assert torch.allclose(got, want, rtol=0, atol=0)
+
+
+def test_the_teachers_grid_is_its_own_whatever_the_students_points():
+    fine = solvers.get_schedule(10, 0.002, 80.0, 'polynomial', 7.0).double()
+    # A student grid that is every third fine point leaves the fine grid as it is.
+    grid, at = teacher_grid(fine[::3].clone(), fine)
+    assert torch.equal(grid, fine) and at.tolist() == [0, 3, 6, 9]
+    # Moved points join it; a fine point within a quarter of a gap of one gives way, so no step is tiny.
+    logs = fine.log()
+    near = torch.exp(logs[4] + 0.1 * (logs[3] - logs[4]))           # a tenth of the way from point 4 to point 3
+    far = torch.exp(0.5 * (logs[6] + logs[7]))                      # half way between points 6 and 7
+    student = torch.stack([fine[0], near, far, fine[-1]])
+    grid, at = teacher_grid(student, fine)
+    assert torch.equal(grid[at], student) and (grid.diff() < 0).all()
+    assert len(grid) == len(fine) + 1 and not torch.isclose(grid, fine[4]).any()     # 4 gave way; 6 and 7 stay
+    assert torch.isclose(grid, fine[6]).any() and torch.isclose(grid, fine[7]).any()
+    steps = grid.log().diff().abs()
+    assert steps.min() > 0.4 * (logs[:-1] - logs[1:]).min() and steps.max() < 1.25 * (logs[:-1] - logs[1:]).max()
+    # The final state of an exact teacher would not depend on the student's grid; a good one depends on it little.
+    net = small_mixture()
+    x = 80.0 * torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = solve_exact(net, x, 80.0, 0.002, rtol=1e-9, atol=1e-9)
+    rmse = lambda y: ((y - exact) ** 2).flatten(1).mean(1).sqrt().mean().item()
+    on_hand_made = rmse(teacher_states(net, x, fine[::3], None, 'dpm', 2, 'polynomial', 7.0)[-1])
+    moved = torch.tensor([80.0, 50.0, 2.5, 0.002], dtype=torch.float64)     # a learned grid that went far astray
+    assert rmse(teacher_states(net, x, moved, None, 'dpm', 2, 'polynomial', 7.0)[-1]) < 1.5 * on_hand_made
 
 
 @pytest.mark.slow

@@ -20,29 +20,41 @@ from solvers.exact import solve_exact
 TEACHERS = ('heun', 'dpm', 'dpmpp', 'euler', 'ipndm', 'unipc', 'exact')
 
 
-def subdivide(sigmas, M):
-    """The grid with M points inserted in each interval, geometrically (uniform in log sigma)."""
-    u = torch.arange(M + 1, dtype=sigmas.dtype, device=sigmas.device) / (M + 1)
-    logs = torch.log(sigmas)
-    inner = logs[:-1, None] + u * (logs[1:] - logs[:-1])[:, None]
-    return torch.cat([inner.reshape(-1).exp(), sigmas[-1:]])
+def teacher_grid(sigmas, fine):
+    """The teacher's grid: its own fine grid with the student's points merged in, and the indices of the student's
+    points in it. A fine point nearer a student point than a quarter of its gap on that side (in log sigma) gives way
+    to it, so that no teacher step is tiny (none below a quarter of the fine gaps, none above 1.25 times them); a student grid that is every (M+1)-th fine point leaves the fine grid as it is."""
+    log_fine, log_student = torch.log(fine), torch.log(sigmas)
+    offset = log_fine[:, None] - log_student[None, :]                    # [F, N]
+    dist, nearest = offset.abs().min(1)
+    gaps = log_fine[:-1] - log_fine[1:]
+    above = torch.cat([gaps[:1], gaps])        # the gap to the next larger fine sigma (the first point: its only gap)
+    below = torch.cat([gaps, gaps[-1:]])
+    gap = torch.where(offset.gather(1, nearest[:, None])[:, 0] < 0, above, below)
+    kept = fine[~(dist < gap / 4)]
+    merged, order = torch.sort(torch.cat([kept, sigmas]), descending=True, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order), device=order.device)
+    return merged, position[len(kept):]
 
 
 def teacher_states(net, x, sigmas, cond, sampler_tea, M, schedule_type, schedule_rho, max_order=None):
-    """The teacher's states at the student's time points [N, B, ...]: the teacher runs on a grid of
-    (M + 1)(N - 1) + 1 points of the same schedule (its every (M+1)-th point is a student point), or exactly.
-    schedule_type None (a learned student grid): the student's grid subdivided geometrically."""
+    """The teacher's states at the student's time points [N, B, ...]: the teacher runs on (M + 1)(N - 1) + 1 points of
+    the hand-made schedule between the student's ends (its every (M+1)-th point is a student point), or exactly.
+    A learned student grid moves its points off that grid: they are merged into it (teacher_grid), so the teacher's
+    accuracy does not depend on the grid being learned (on the student's grid subdivided, a student could lower its
+    loss by making the teacher as inaccurate as itself)."""
     sigmas = sigmas.detach()
     with torch.no_grad():
         if sampler_tea == 'exact':
             return solve_exact(net, x, sigmas[0], sigmas[-1], cond, at_sigmas=sigmas, rtol=1e-7, atol=1e-7)
         num = (M + 1) * (len(sigmas) - 1) + 1
-        fine = subdivide(sigmas, M).to(x) if schedule_type is None else \
-            solvers.get_schedule(num, float(sigmas[-1]), float(sigmas[0]), schedule_type, schedule_rho, net=net).to(x)
+        fine = solvers.get_schedule(num, float(sigmas[-1]), float(sigmas[0]), schedule_type, schedule_rho, net=net)
+        grid, at_student = teacher_grid(sigmas, fine.to(sigmas))
         info = solvers.SOLVERS[sampler_tea]
         order = info.default_order if max_order is None or max_order not in info.orders else max_order
-        _, traj = info.fn(net, x, fine, cond, return_trajectory=True, max_order=order)
-        return traj[::M + 1]
+        _, traj = info.fn(net, x, grid.to(x), cond, return_trajectory=True, max_order=order)
+        return traj[at_student]
 
 
 def draw_batch(net, seed, iteration, indices, dtype, device, prompts=None):
@@ -64,8 +76,7 @@ def distill_loss(predictor, net, latents, cond, settings, feature_net=None, glob
     sigmas = predictor.schedule(net).to(device=latents.device, dtype=latents.dtype)
     x0 = latents * sigmas[0]
     target = teacher_states(net, x0.detach(), sigmas, cond, settings['sampler_tea'], settings['M'],
-                            None if settings.get('learn_schedule') else settings['schedule_type'],
-                            settings['schedule_rho'], settings.get('max_order'))
+                            settings['schedule_type'], settings['schedule_rho'], settings.get('max_order'))
     _, traj = predictor.solve(net, x0, sigmas, cond, return_trajectory=True)
     # Squared errors of the states in the variance-preserving scale x / sqrt(1 + sigma^2), so that the early,
     # large-sigma states (whose raw errors are ~sigma times larger) do not drown the final one.
