@@ -110,7 +110,7 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
              'train.py\'s built-in default (`python train.py --help`; 4 time points with AFS = NFE 5, teacher dpm',
              'M = 3). "learned grid" (`--learn_schedule=True`): the time points train jointly with the tables (LD3\'s',
              'softmax-cumsum parametrisation in log sigma, ends pinned), starting from the hand-made grid; the teacher',
-             'then runs on the current student grid subdivided geometrically. With it, the defaults of',
+             'runs on its own hand-made grid with the student\'s points merged in. With it, the defaults of',
              ', '.join(f'`--{k}`' for k in train.LEARNED_GRID_DEFAULTS) + ' are train.py\'s learned-grid ones (' +
              ', '.join(f'{k} {v}' for k, v in train.LEARNED_GRID_DEFAULTS.items()) + ').', '',
              f'RMSE per pixel to the exact ODE solution on {num_eval} held-out noises. Best classical solver at NFE 5 '
