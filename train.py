@@ -41,8 +41,9 @@ TRAIN_DEFAULTS = dict(sampler_stu='epd', sampler_tea='dpm', num_steps=4, M=3, nu
                       total_kimg=10.0, lr=0.01, coslr=False, dtype='float32', learn_schedule=False, lr_grid=None)
 
 # A learned grid moves every time point at once, and with the settings above EPD stops far short (1.5x the best
-# classical solver). Its own defaults (chosen on gmm_image's mixture over 3 seeds, docs/robust_epd.md; a slower grid,
-# --lr_grid 0.01 or 0.02, did worse there) replace the built-in ones when EPD's tables learn a grid (AMED's network
+# classical solver). Its own defaults (chosen on gmm_image's mixture over 3 seeds, docs/robust_epd.md, with the
+# earlier teacher on the student's grid; a slower grid, --lr_grid 0.01 or 0.02, did worse there; with the teacher on
+# its own grid they give 0.40-0.41x there, docs/robust_epd_own_teacher_grid.md) replace the built-in ones when EPD's tables learn a grid (AMED's network
 # was not measured with them); a config's train section and the command line still override them.
 LEARNED_GRID_DEFAULTS = dict(batch=32, total_kimg=38.4, lr=0.05, coslr=True, scale_dir=0.5, scale_time=0.5)
 
