@@ -28,7 +28,9 @@ from models.analytic import image_mixture   # noqa: E402
 
 MIXTURES = {'unseen': dict(num_components=5, rank=6, seed=31337),
             # gmm_image's own mixture without its config's training settings: where defaults may be chosen
-            'gmm_image': dict()}
+            'gmm_image': dict(),
+            # a second mixture to choose on, neither gmm_image nor unseen
+            'selection': dict(num_components=6, rank=10, seed=777)}
 VARIANTS = {'defaults': '', 'defaults + learned grid': '--learn_schedule=True'}
 
 
@@ -98,7 +100,8 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
     figure = os.path.splitext(os.path.basename(out))[0] + '.png'
     write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures', figure))
     about = {'unseen': 'a 3x32x32 analytic mixture that no config or test was tuned on',
-             'gmm_image': "gmm_image's own mixture (its config's training settings left out)"}[mixture]
+             'gmm_image': "gmm_image's own mixture (its config's training settings left out)",
+             'selection': 'a second mixture to choose settings on (neither gmm_image nor the unseen one)'}[mixture]
     command = ' '.join(['python bench/bench_robust_epd.py', f'--mixture={mixture}', f'--seeds={",".join(map(str, seeds))}',
                         f'--jobs={jobs}'] + ([f'--num_eval={num_eval}'] if num_eval != 1024 else []) +
                        ([f'--out={os.path.relpath(out, ROOT)}'] if figure != 'robust_epd.png' else []) + [shlex.quote(f'--variant={k}={v}') for k, v in variants.items()
