@@ -26,11 +26,12 @@ import train          # noqa: E402
 import training       # noqa: E402
 from models.analytic import image_mixture   # noqa: E402
 
-MIXTURES = {'unseen': dict(num_components=5, rank=6, seed=31337),
-            # gmm_image's own mixture without its config's training settings: where defaults may be chosen
-            'gmm_image': dict(),
-            # a second mixture to choose on, neither gmm_image nor unseen
-            'selection': dict(num_components=6, rank=10, seed=777)}
+# name: (image_mixture arguments, what the model is for)
+MIXTURES = {'unseen': (dict(num_components=5, rank=6, seed=31337),
+                       'a 3x32x32 analytic mixture that no config or test was tuned on'),
+            'gmm_image': (dict(), "gmm_image's own mixture (its config's training settings left out)"),
+            'selection': (dict(num_components=6, rank=10, seed=777),
+                          'a second mixture to choose settings on (neither gmm_image nor the unseen one)')}
 VARIANTS = {'defaults': '', 'defaults + learned grid': '--learn_schedule=True'}
 
 
@@ -38,7 +39,7 @@ def write_config(folder, mixture):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f'{mixture}_mixture.yaml')
     cfg = dict(dataset_name=f'{mixture}_mixture', model=dict(family='analytic', model_path='gmm_image',
-                                                             sigma_min=0.002, sigma_max=80.0, **MIXTURES[mixture]),
+                                                             sigma_min=0.002, sigma_max=80.0, **MIXTURES[mixture][0]),
                sample=dict(dtype='float64'))
     with open(path, 'w') as f:
         yaml.safe_dump(cfg, f)
@@ -81,7 +82,8 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
     with open(times_path, 'w') as f:
         json.dump(kept, f)
 
-    net = image_mixture(**MIXTURES[mixture])
+    params, about = MIXTURES[mixture]
+    net = image_mixture(**params)
     z, per_sample = held_out(net, num_eval)
     classical = classical_errors(net, z, 5, per_sample)
     best = min(classical, key=lambda k: classical[k].mean().item())
@@ -99,16 +101,13 @@ def main(seeds, mixture, variants, num_eval, exps, jobs, out):
                              sec=kept.get(f'{variant}|{seed}'), grid=grid.tolist()))
     figure = os.path.splitext(os.path.basename(out))[0] + '.png'
     write_figure(rows, classical[best].mean().item(), best, os.path.join(os.path.dirname(out), 'figures', figure))
-    about = {'unseen': 'a 3x32x32 analytic mixture that no config or test was tuned on',
-             'gmm_image': "gmm_image's own mixture (its config's training settings left out)",
-             'selection': 'a second mixture to choose settings on (neither gmm_image nor the unseen one)'}[mixture]
     command = ' '.join(['python bench/bench_robust_epd.py', f'--mixture={mixture}', f'--seeds={",".join(map(str, seeds))}',
                         f'--jobs={jobs}'] + ([f'--num_eval={num_eval}'] if num_eval != 1024 else []) +
                        ([f'--out={os.path.relpath(out, ROOT)}'] if figure != 'robust_epd.png' else []) + [shlex.quote(f'--variant={k}={v}') for k, v in variants.items()
                                              if variants is not VARIANTS])
     lines = [f'# EPD with the built-in defaults on the {mixture} mixture (NFE 5)', '',
              f'`{command}` (regenerates this page and `figures/{figure}`). The model: `image_mixture(' +
-             ', '.join(f'{k}={v}' for k, v in MIXTURES[mixture].items()) + f')`, {about},',
+             ', '.join(f'{k}={v}' for k, v in params.items()) + f')`, {about},',
              'given to train.py as a dataset config without a `train:` section: every training setting not listed is',
              'train.py\'s built-in default (`python train.py --help`; 4 time points with AFS = NFE 5, teacher dpm',
              'M = 3). "learned grid" (`--learn_schedule=True`): the time points train jointly with the tables (LD3\'s',
